@@ -1,0 +1,59 @@
+"""The decoding cache: keys and values per layer (phase features included in the keys),
+the Kuramoto running sums per layer, and the positions and validity of every cached token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerCache:
+    k: torch.Tensor  # (B, H, T_max, head_dim): [semantic q/k part, cos, sin] for resonant heads
+    v: torch.Tensor  # (B, H, T_max, head_dim)
+    phase_sum: tuple[torch.Tensor, torch.Tensor] | None = None  # Kuramoto running sum (B, F) x2
+    phase_count: torch.Tensor | None = None  # (B,)
+
+
+@dataclass
+class ModelCache:
+    """Pre-allocated for ``max_len`` tokens; ``length`` tokens are filled."""
+
+    layers: list[LayerCache]
+    max_len: int
+    length: int = 0
+    key_valid: torch.Tensor | None = None  # (B, T_max) bool, only when some token is padding
+    next_pos: torch.Tensor | None = None  # (B,) position of the next token per row
+    last_phases: torch.Tensor | None = None  # (B, F) final-block phases of the last token
+    extras: dict = field(default_factory=dict)
+
+    @classmethod
+    def allocate(cls, batch: int, num_layers: int, num_heads: int, head_dim: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype) -> "ModelCache":
+        layers = [
+            LayerCache(
+                k=torch.empty(batch, num_heads, max_len, head_dim, device=device, dtype=dtype),
+                v=torch.empty(batch, num_heads, max_len, head_dim, device=device, dtype=dtype),
+            )
+            for _ in range(num_layers)
+        ]
+        return cls(layers=layers, max_len=max_len,
+                   next_pos=torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].k.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "ModelCache":
+        """A cache holding only the given batch rows (for dropping finished sequences)."""
+        def pick(t):
+            return None if t is None else t.index_select(0, rows)
+        layers = [
+            LayerCache(pick(l.k), pick(l.v),
+                       None if l.phase_sum is None else (pick(l.phase_sum[0]), pick(l.phase_sum[1])),
+                       pick(l.phase_count))
+            for l in self.layers
+        ]
+        return ModelCache(layers, self.max_len, self.length, pick(self.key_valid), pick(self.next_pos),
+                          pick(self.last_phases), dict(self.extras))

@@ -1,0 +1,56 @@
+"""Prime token embedding: a semantic embedding blended with a learnable phase embedding.
+
+Token ``i`` maps to the ``i``-th prime ``p_i``. Its ``F`` phases start at
+
+    theta_{i,k} = 2*pi * frac(w_k * ln p_i),     w_k = phi^k,  k = 0..F-1
+
+and are learnable. The input vector is the dual embedding of the Resonator:
+
+    x_i = (1 - a) * E[i] + a * P([cos theta_i, sin theta_i]),    a = sigmoid(b)  (per dimension)
+
+with ``E`` the semantic table (tied to the output head), ``P`` a linear projection of the
+phase features and ``b`` a learned per-dimension blend. With the blend switched off,
+``x_i = E[i]`` exactly (the vanilla embedding) while the phases still feed the other parts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .config import PHI, ResoLLMConfig
+from .primes import log_primes
+
+
+def log_prime_phases(vocab_size: int, num_phases: int) -> torch.Tensor:
+    """``2*pi*frac(phi^k * ln p_i)`` for every token ``i`` and frequency ``k``: shape (V, F)."""
+    lp = torch.from_numpy(log_primes(vocab_size))  # (V,) float64
+    freqs = PHI ** torch.arange(num_phases, dtype=torch.float64)  # (F,)
+    return (2 * math.pi * torch.frac(lp[:, None] * freqs[None, :])).float()
+
+
+class PrimeTokenEmbedding(nn.Module):
+    def __init__(self, config: ResoLLMConfig) -> None:
+        super().__init__()
+        self.semantic = nn.Embedding(config.vocab_size, config.dim)
+        self.blend_enabled = config.use_prime_embedding
+        self.has_phases = config.uses_phases
+        if self.has_phases:
+            self.phase_table = nn.Parameter(log_prime_phases(config.vocab_size, config.num_phases))
+        if self.blend_enabled:
+            self.phase_proj = nn.Linear(2 * config.num_phases, config.dim, bias=False)
+            self.blend_logit = nn.Parameter(torch.full((config.dim,), -2.0))
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``(x, theta)``: x (B, T, D) and the token phases (B, T, F) or None."""
+        x = self.semantic(input_ids)  # (B, T, D)
+        if not self.has_phases:
+            return x, None
+        theta = self.phase_table[input_ids]  # (B, T, F)
+        if self.blend_enabled:
+            feats = torch.cat([theta.cos(), theta.sin()], dim=-1)  # (B, T, 2F)
+            a = torch.sigmoid(self.blend_logit)
+            x = (1 - a) * x + a * self.phase_proj(feats)
+        return x, theta
