@@ -1,0 +1,1 @@
+"""Orchestration: scenarios, strategies, runs, the Ray Train launcher and the ``reso`` CLI."""

@@ -1,0 +1,84 @@
+"""``reso generate``: one prompt through a preset (random weights) or a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def load_model_and_tokenizer(checkpoint: Optional[Path], preset: str, seed: int, device: str):
+    """A model and tokenizer from a checkpoint directory, or a freshly initialised preset."""
+    import torch
+
+    from core_model.checkpoint import CheckpointError, load_checkpoint
+    from core_model.config import PRESETS
+    from core_model.model import ResoLLMModel
+    from core_model.tokenizer import create_default_tokenizer
+
+    if checkpoint is not None:
+        try:
+            return load_checkpoint(checkpoint, device=device)
+        except CheckpointError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+    if preset not in PRESETS:
+        typer.echo(f"error: unknown preset {preset!r}; choose one of {sorted(PRESETS)}", err=True)
+        raise typer.Exit(2)
+    torch.manual_seed(seed)
+    tokenizer = create_default_tokenizer()
+    model = ResoLLMModel(PRESETS[preset](vocab_size=tokenizer.vocab_size)).to(device).eval()
+    return model, tokenizer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def generate(
+        prompt: str = typer.Argument(..., help="Text to continue."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint directory."),
+        preset: str = typer.Option("small", help="Preset when no checkpoint is given: small, medium, large."),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+        temperature: float = typer.Option(0.8, min=0.0, help="0 means greedy."),
+        top_k: Optional[int] = typer.Option(None, min=1),
+        top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
+        repetition_penalty: float = typer.Option(1.0, min=0.0),
+        seed: int = typer.Option(0),
+        chat: bool = typer.Option(False, help="Wrap the prompt in the chat template."),
+        device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    ) -> None:
+        """Continue PROMPT and print the text with a few metrics."""
+        import torch
+
+        from core_model.kuramoto import global_order_parameter
+
+        model, tokenizer = load_model_and_tokenizer(checkpoint, preset, seed, device)
+        text = tokenizer.chat_prompt(prompt) if chat else prompt
+        ids = tokenizer.encode(text) or [tokenizer.bos_id]
+        started = time.perf_counter()
+        new = model.generate([ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                             eos_id=tokenizer.eos_id)[0]
+        elapsed = time.perf_counter() - started
+        with torch.no_grad():
+            out = model(torch.tensor([ids + new], device=next(model.parameters()).device))
+            logprobs = out.logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+            token_lp = logprobs.gather(1, torch.tensor(new, device=logprobs.device)[:, None]).squeeze(1)
+        metrics = {
+            "tokens_generated": len(new),
+            "tokens_per_second": round(len(new) / elapsed, 1) if elapsed > 0 else None,
+            "mean_logprob": round(float(token_lp.mean()), 4),
+            "coherence": None if out.coherence is None else round(float(out.coherence[0, -1]), 4),
+            "phase_order": None if out.phases is None else round(float(global_order_parameter(out.phases)[0]), 4),
+            "parameters": model.num_parameters(),
+        }
+        completion = tokenizer.decode(new)
+        if as_json:
+            sys.stdout.write(json.dumps({"prompt": prompt, "text": completion, **metrics}) + "\n")
+            return
+        typer.echo(prompt + completion)
+        typer.echo("  ".join(f"{k}={v}" for k, v in metrics.items()), err=True)
