@@ -1,0 +1,358 @@
+"""`BusHub`: the one server of a run, the Clone pattern's clonesrv.
+
+The hub owns the sequence. Its thread runs one poll loop over
+
+    collect  (PULL)    nodes' updates and heartbeats -> validate, stamp seq, store, publish
+    snapshot (ROUTER)  "$snapshot?" -> every stored key under the prefix, then "$snapshot-end"
+    publish  (PUB)     stamped updates and, every heartbeat_interval, "$hugz" with the last seq
+    zap      (REP)     RFC 27 authentication of CURVE clients (security "curve" only)
+    pipe     (PAIR)    commands from the owning thread (stop)
+
+and, on every heartbeat tick, expires the keys of agents not heard from for `ttl` seconds by
+publishing a deletion (payload nil, a new seq) for each of them.
+
+Each hub instance has a random `epoch` stamped on everything it sends: a node that sees a new
+epoch knows the hub restarted (and lost its map) and re-syncs; nodes then re-publish their own
+keys, so the state heals without a second hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+import msgpack
+import zmq
+
+from entanglement.config import BusConfig, BusEndpoints
+from entanglement.message import (
+    HUB_HEARTBEAT,
+    NODE_HEARTBEAT,
+    SNAPSHOT_END,
+    SNAPSHOT_REQUEST,
+    WIRE_VERSION,
+    MalformedMessage,
+    StateUpdate,
+    key_owner,
+    unpack,
+)
+from entanglement.security import BusKeys, NodeCredentials, SecurityError, ZapHandler
+
+log = logging.getLogger(__name__)
+
+HUB_AGENT = "hub"
+_DRAIN = 1000  # messages handled per socket per loop turn, so no socket starves the others
+
+
+class HubError(RuntimeError):
+    """The hub could not start (e.g. an endpoint is in use) or is used in the wrong state."""
+
+
+@dataclass
+class HubCounters:
+    received: int = 0  # frames on the collector
+    published: int = 0  # stamped updates published (deletions included)
+    malformed: int = 0  # frames that failed `unpack` (collector and snapshot socket)
+    rejected: int = 0  # valid messages refused: key not owned by sender, control misuse, map full
+    snapshots: int = 0  # snapshot requests answered
+    expired_agents: int = 0
+    expired_keys: int = 0
+    auth_denied: int = 0  # ZAP refusals
+
+
+def encode_body(update: StateUpdate) -> bytes:
+    """Pack an already validated update (the hub's fast path; `message.pack` validates)."""
+    return msgpack.packb(
+        [WIRE_VERSION, update.key, update.seq, update.epoch, update.agent, update.timestamp,
+         update.payload],
+        use_bin_type=True,
+    )
+
+
+class BusHub:
+    """The sequencing server of one bus. Use as a context manager or `start()`/`stop()`."""
+
+    def __init__(
+        self,
+        config: BusConfig | None = None,
+        keys: BusKeys | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self._config = config or BusConfig()
+        if self._config.security == "curve":
+            keys = keys or BusKeys.generate()
+        self.keys = keys
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.epoch = secrets.randbits(62) + 1
+        self.counters = HubCounters()
+        self._seq = 0
+        self._map: dict[str, tuple[StateUpdate, bytes]] = {}
+        self._seen: dict[str, float] = {}  # agent -> monotonic time last heard
+        self._seen_lock = threading.Lock()
+        self._resolved: BusEndpoints | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._zap: ZapHandler | None = None
+        self._pipe_addr = f"inproc://hub-pipe-{uuid.uuid4().hex}"
+        self._pipe: zmq.Socket | None = None
+
+    # -- owner-thread API -------------------------------------------------------------------
+
+    def start(self, timeout: float = 5.0) -> BusHub:
+        """Bind all sockets in the hub thread; raise `HubError` if that fails."""
+        if self._thread is not None:
+            raise HubError("hub already started")
+        self._pipe = self.context.socket(zmq.PAIR)
+        self._pipe.linger = 0
+        self._pipe.bind(self._pipe_addr)
+        self._thread = threading.Thread(target=self._run, name=f"bus-hub-{self.epoch:x}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise HubError(f"hub did not start within {timeout}s")
+        if self._start_error is not None:
+            self._thread.join(timeout)
+            self._close_pipe()
+            raise HubError(f"hub failed to start: {self._start_error}") from self._start_error
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop, close all sockets (linger 0) and, if the hub made it, the context."""
+        if self._thread is not None and self._thread.is_alive() and self._pipe is not None:
+            self._pipe.send(b"stop")
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise HubError(f"hub thread did not stop within {timeout}s")
+        self._close_pipe()
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> BusHub:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def config(self) -> BusConfig:
+        """The config with the endpoints actually bound (hand this to nodes)."""
+        if self._resolved is None:
+            raise HubError("hub not started: endpoints are not bound yet")
+        return self._config.with_endpoints(self._resolved)
+
+    @property
+    def endpoints(self) -> BusEndpoints:
+        return self.config.endpoints
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def credentials(self, name: str = "default") -> NodeCredentials | None:
+        """Credentials for a node (None when security is off)."""
+        return None if self.keys is None else self.keys.credentials(name)
+
+    def add_client(self, name: str) -> NodeCredentials:
+        """Create a key pair for a new client and admit it from now on."""
+        if self.keys is None:
+            raise SecurityError("security is 'none': there are no client keys")
+        creds = self.keys.add_client(name)
+        if self._zap is not None:
+            self._zap.allow(creds.client.public)
+        return creds
+
+    def agents(self) -> set[str]:
+        """Agents heard from within the last `ttl` seconds."""
+        with self._seen_lock:
+            return set(self._seen)
+
+    def keys_snapshot(self) -> dict[str, StateUpdate]:
+        """A copy of the hub's map (for tests and diagnostics)."""
+        return {k: v[0] for k, v in list(self._map.items())}
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close(linger=0)
+            self._pipe = None
+
+    # -- hub thread -------------------------------------------------------------------------
+
+    def _bind(self, kind: int, endpoint: str) -> tuple[zmq.Socket, str]:
+        sock = self.context.socket(kind)
+        sock.linger = 0
+        sock.sndhwm = self._config.hwm
+        sock.rcvhwm = self._config.hwm
+        if kind == zmq.ROUTER:
+            sock.sndhwm = 0  # snapshots are bounded by max_keys; never cut one short
+        if self.keys is not None:
+            self.keys.apply_server(sock)
+        sock.bind(endpoint)
+        return sock, sock.get(zmq.LAST_ENDPOINT).decode()
+
+    def _run(self) -> None:
+        socks: list[zmq.Socket] = []
+        try:
+            if self.keys is not None:
+                self._zap = ZapHandler(self.context, self.keys.allowed_public_keys())
+            eps = self._config.endpoints
+            snapshot, snap_ep = self._bind(zmq.ROUTER, eps.snapshot)
+            socks.append(snapshot)
+            publisher, pub_ep = self._bind(zmq.PUB, eps.publish)
+            socks.append(publisher)
+            collector, col_ep = self._bind(zmq.PULL, eps.collect)
+            socks.append(collector)
+            collector.maxmsgsize = 4 * self._config.limits.max_frame_bytes
+            pipe = self.context.socket(zmq.PAIR)
+            socks.append(pipe)
+            pipe.connect(self._pipe_addr)
+            self._resolved = BusEndpoints(snap_ep, pub_ep, col_ep)
+        except (zmq.ZMQError, SecurityError) as exc:
+            self._start_error = exc
+            for s in socks:
+                s.close(linger=0)
+            if self._zap is not None:
+                self._zap.close()
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop(pipe, snapshot, publisher, collector)
+        except BaseException as exc:  # record why the thread died, then let it propagate
+            self.error = exc
+            log.error("bus hub thread died: %r", exc)
+            raise
+        finally:
+            for s in socks:
+                s.close(linger=0)
+            if self._zap is not None:
+                self._zap.close()
+
+    def _loop(self, pipe: zmq.Socket, snapshot: zmq.Socket, publisher: zmq.Socket,
+              collector: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        for s in (pipe, snapshot, collector):
+            poller.register(s, zmq.POLLIN)
+        if self._zap is not None:
+            poller.register(self._zap.socket, zmq.POLLIN)
+        interval = self._config.heartbeat_interval
+        next_tick = time.monotonic()
+        while True:
+            wait_ms = max(0.0, (next_tick - time.monotonic()) * 1000.0)
+            events = dict(poller.poll(wait_ms))
+            if pipe in events:
+                if pipe.recv() == b"stop":
+                    return
+            if self._zap is not None and self._zap.socket in events:
+                self._zap.handle()
+                self.counters.auth_denied = self._zap.denied
+            if collector in events:
+                for _ in range(_DRAIN):
+                    try:
+                        frame = collector.recv(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    self._collect(frame, publisher)
+            if snapshot in events:
+                for _ in range(_DRAIN):
+                    try:
+                        frames = snapshot.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._answer_snapshot(frames, snapshot)
+            now = time.monotonic()
+            if now >= next_tick:
+                self._expire(now, publisher)
+                hugz = StateUpdate(HUB_HEARTBEAT, HUB_AGENT, None, self._seq, self.epoch, time.time())
+                publisher.send_multipart([HUB_HEARTBEAT.encode(), encode_body(hugz)])
+                next_tick = now + interval
+
+    def _collect(self, frame: bytes, publisher: zmq.Socket) -> None:
+        self.counters.received += 1
+        try:
+            msg = unpack(frame, self._config.limits)
+        except MalformedMessage as exc:
+            self.counters.malformed += 1
+            log.debug("hub: dropped malformed frame: %s", exc)
+            return
+        now = time.monotonic()
+        if msg.key == NODE_HEARTBEAT:
+            self._touch(msg.agent, now)
+            return
+        if msg.is_control or key_owner(msg.key) != msg.agent:
+            self.counters.rejected += 1
+            log.debug("hub: rejected %r from agent %r", msg.key, msg.agent)
+            return
+        self._touch(msg.agent, now)
+        if msg.payload is None:
+            if msg.key in self._map:
+                self._publish(msg, publisher, delete=True)
+            return
+        if msg.key not in self._map and len(self._map) >= self._config.max_keys:
+            self.counters.rejected += 1
+            log.debug("hub: map full (%d keys), rejected %r", len(self._map), msg.key)
+            return
+        self._publish(msg, publisher, delete=False)
+
+    def _publish(self, msg: StateUpdate, publisher: zmq.Socket, delete: bool) -> None:
+        self._seq += 1
+        stamped = replace(msg, seq=self._seq, epoch=self.epoch)
+        body = encode_body(stamped)
+        if delete:
+            self._map.pop(msg.key, None)
+        else:
+            self._map[msg.key] = (stamped, body)
+        publisher.send_multipart([msg.key.encode(), body])
+        self.counters.published += 1
+
+    def _touch(self, agent: str, now: float) -> None:
+        with self._seen_lock:
+            self._seen[agent] = now
+
+    def _answer_snapshot(self, frames: list[bytes], snapshot: zmq.Socket) -> None:
+        if len(frames) != 2:
+            self.counters.malformed += 1
+            return
+        identity, frame = frames
+        try:
+            req = unpack(frame, self._config.limits)
+        except MalformedMessage as exc:
+            self.counters.malformed += 1
+            log.debug("hub: dropped malformed snapshot request: %s", exc)
+            return
+        payload = req.payload or {}
+        prefix = payload.get("prefix", "")
+        if req.key != SNAPSHOT_REQUEST or type(prefix) is not str:
+            self.counters.rejected += 1
+            return
+        for key, (_, body) in self._map.items():
+            if key.startswith(prefix):
+                snapshot.send_multipart([identity, body])
+        end = StateUpdate(SNAPSHOT_END, HUB_AGENT, {"request": payload.get("request", 0)},
+                          self._seq, self.epoch, time.time())
+        snapshot.send_multipart([identity, encode_body(end)])
+        self.counters.snapshots += 1
+
+    def _expire(self, now: float, publisher: zmq.Socket) -> None:
+        ttl = self._config.ttl
+        with self._seen_lock:
+            gone = [a for a, t in self._seen.items() if now - t > ttl]
+            for agent in gone:
+                del self._seen[agent]
+        for agent in gone:
+            keys = [k for k, (m, _) in self._map.items() if m.agent == agent]
+            log.debug("hub: agent %r silent for > %.2fs, expiring %d keys", agent, ttl, len(keys))
+            for key in keys:
+                deletion = StateUpdate(key, agent, None, 0, 0, time.time())
+                self._publish(deletion, publisher, delete=True)
+            self.counters.expired_agents += 1
+            self.counters.expired_keys += len(keys)

@@ -1,0 +1,497 @@
+"""`BusNode`: one agent's view of the bus, the Clone pattern's clonecli.
+
+The node's own thread owns every socket (SUB <- hub PUB, DEALER <-> hub ROUTER, PUSH -> hub
+PULL); callers talk to it through an inproc PAIR pipe and read state under a lock.
+
+States and transitions::
+
+    CONNECTING --sockets made, SUB subscribed, "$snapshot?" sent--> SYNCING
+    SYNCING    --"$snapshot-end" of the current request: install map, apply queued updates
+                 with seq > snapshot seq, re-publish own keys the snapshot lacks--> ACTIVE
+    ACTIVE     --seq gap, "$hugz" ahead of us, or a new hub epoch--> SYNCING (same sockets)
+    SYNCING/ACTIVE --hub silent for hub_timeout, or no snapshot within snapshot_timeout-->
+                 CONNECTING (fresh SUB and DEALER)
+    any        --close()--> CLOSED
+
+While SYNCING, updates from SUB are queued; those the snapshot covers are dropped (counted).
+The node sends "$heartbeat" every heartbeat_interval so the hub can expire it when it vanishes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import zmq
+
+from entanglement.config import BusConfig, ConfigError
+from entanglement.message import (
+    HUB_HEARTBEAT,
+    NODE_HEARTBEAT,
+    SNAPSHOT_END,
+    SNAPSHOT_REQUEST,
+    MalformedMessage,
+    StateUpdate,
+    agent_key,
+    key_owner,
+    make_update,
+    pack,
+    unpack,
+)
+from entanglement.security import NodeCredentials, SecurityError
+
+log = logging.getLogger(__name__)
+
+UpdateCallback = Callable[[StateUpdate], None]
+_DRAIN = 1000
+
+
+class NodeState(enum.Enum):
+    CONNECTING = "connecting"
+    SYNCING = "syncing"
+    ACTIVE = "active"
+    CLOSED = "closed"
+
+
+class NodeError(RuntimeError):
+    """The node is closed, or its thread died (the original error is chained)."""
+
+
+@dataclass
+class NodeCounters:
+    sent: int = 0  # own updates handed to the hub
+    received: int = 0  # frames from the hub (updates, heartbeats, snapshot items)
+    applied: int = 0  # updates applied to the local map in sequence
+    dropped: int = 0  # well-formed but discarded: covered by a snapshot, stale, send queue full
+    malformed: int = 0  # frames that failed `unpack`
+    gaps: int = 0  # sequence gaps seen (each triggers a re-sync)
+    resyncs: int = 0  # snapshot requests after the first
+    hub_timeouts: int = 0  # hub silent for hub_timeout: sockets re-made
+    callback_errors: int = 0  # exceptions raised by on_update callbacks (logged)
+
+
+class BusNode:
+    """A member of the bus. Starts its thread at construction; call `close()` when done."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        config: BusConfig,
+        credentials: NodeCredentials | None = None,
+        context: zmq.Context | None = None,
+        prefix: str = "",
+    ) -> None:
+        if not agent_id or "/" in agent_id:
+            raise ConfigError(f"agent id must be non-empty without '/', got {agent_id!r}")
+        if config.security == "curve" and credentials is None:
+            raise SecurityError(
+                "security is 'curve' but no credentials were given; pass hub/run credentials "
+                "or opt out explicitly with BusConfig(security='none')"
+            )
+        if config.endpoints.is_inproc and context is None:
+            raise ConfigError("inproc:// endpoints need the hub's zmq context (context=hub.context)")
+        self.agent_id = agent_id
+        self.config = config
+        self.prefix = prefix
+        self._credentials = credentials if config.security == "curve" else None
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.counters = NodeCounters()
+        self._lock = threading.Condition()
+        self._state = NodeState.CONNECTING
+        self._map: dict[str, StateUpdate] = {}
+        self._by_agent: dict[str, dict[str, StateUpdate]] = {}
+        self._seq = 0
+        self._epoch = 0
+        self._callbacks: list[UpdateCallback] = []
+        self.error: BaseException | None = None
+        # Thread-side bookkeeping (touched only by the node thread).
+        self._own: dict[str, bytes] = {}
+        self._pending: list[StateUpdate] = []
+        self._snapshot_items: dict[str, StateUpdate] = {}
+        self._request_id = 0
+        self._request_sent = 0.0
+        self._last_hub = 0.0
+        self._sub: zmq.Socket | None = None
+        self._dealer: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+        # Caller -> node pipe.
+        addr = f"inproc://node-pipe-{uuid.uuid4().hex}"
+        self._pipe_in = self.context.socket(zmq.PAIR)
+        self._pipe_in.linger = 0
+        self._pipe_in.rcvhwm = 0
+        self._pipe_in.bind(addr)
+        self._pipe_out = self.context.socket(zmq.PAIR)
+        self._pipe_out.linger = 0
+        self._pipe_out.sndhwm = 0
+        self._pipe_out.connect(addr)
+        self._pipe_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"bus-node-{agent_id}", daemon=True)
+        self._thread.start()
+
+    # -- caller API -------------------------------------------------------------------------
+
+    def publish(self, name: str, payload: Mapping[str, Any] | None) -> None:
+        """Publish `payload` under ``agent/<agent_id>/<name>`` (None deletes the key).
+
+        Validation errors raise `MalformedMessage` here. Delivery is asynchronous; the value is
+        also kept so it can be re-published if a restarted hub lost it.
+        """
+        key = agent_key(self.agent_id, name)
+        body = pack(make_update(self.agent_id, key, payload))
+        self._send_pipe([b"P", key.encode(), body])
+
+    def delete(self, name: str) -> None:
+        """Delete this agent's key `name` for everyone."""
+        self.publish(name, None)
+
+    def latest(self, agent_id: str) -> dict[str, StateUpdate]:
+        """The latest value of each of `agent_id`'s keys, by name (``phase``, ``sedenion``...)."""
+        with self._lock:
+            return dict(self._by_agent.get(agent_id, {}))
+
+    def state(self) -> dict[str, StateUpdate]:
+        """A copy of the whole replicated map (key -> update)."""
+        with self._lock:
+            return dict(self._map)
+
+    def peers(self, include_self: bool = False) -> set[str]:
+        """Agents that currently have at least one key on the bus."""
+        with self._lock:
+            agents = set(self._by_agent)
+        if not include_self:
+            agents.discard(self.agent_id)
+        return agents
+
+    @property
+    def seq(self) -> int:
+        """The hub sequence number the local map reflects."""
+        return self._seq
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def node_state(self) -> NodeState:
+        return self._state
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def on_update(self, callback: UpdateCallback) -> None:
+        """Call `callback(update)` in the node thread for every applied change (deletions have
+        payload None). Exceptions are logged and counted, never propagated."""
+        with self._lock:
+            self._callbacks.append(callback)
+
+    def wait_for(self, predicate: Callable[[BusNode], bool], timeout: float) -> bool:
+        """Block until `predicate(self)` holds (checked on every change) or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._state is NodeState.CLOSED:
+                    return predicate(self)
+                self._lock.wait(min(left, 0.05))
+        return True
+
+    def wait_active(self, timeout: float = 5.0) -> bool:
+        return self.wait_for(lambda n: n.node_state is NodeState.ACTIVE, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close every socket (and the context, if the node made it)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            with self._pipe_lock:
+                self._pipe_out.send_multipart([b"S"])
+            self._thread.join(timeout)
+        self._pipe_out.close(linger=0)
+        if self._thread.is_alive():
+            raise NodeError(f"node {self.agent_id!r} thread did not stop within {timeout}s")
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> BusNode:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _send_pipe(self, frames: list[bytes]) -> None:
+        if self._closed or not self._thread.is_alive():
+            raise NodeError(f"node {self.agent_id!r} is closed") from self.error
+        with self._pipe_lock:
+            self._pipe_out.send_multipart(frames)
+
+    # -- node thread ------------------------------------------------------------------------
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.linger = 0
+        sock.sndhwm = self.config.hwm
+        sock.rcvhwm = self.config.hwm
+        sock.maxmsgsize = 4 * self.config.limits.max_frame_bytes
+        if self._credentials is not None:
+            self._credentials.apply(sock)
+        return sock
+
+    def _run(self) -> None:
+        push = self._socket(zmq.PUSH)
+        try:
+            push.connect(self.config.endpoints.collect)
+            self._poller.register(self._pipe_in, zmq.POLLIN)
+            self._loop(push)
+        except BaseException as exc:  # record why the thread died; the caller sees NodeError
+            self.error = exc
+            log.error("bus node %r thread died: %r", self.agent_id, exc)
+            raise
+        finally:
+            for sock in (self._sub, self._dealer, push, self._pipe_in):
+                if sock is not None:
+                    sock.close(linger=0)
+            with self._lock:
+                self._state = NodeState.CLOSED
+                self._lock.notify_all()
+
+    def _loop(self, push: zmq.Socket) -> None:
+        self._connect()
+        interval = self.config.heartbeat_interval
+        next_beat = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                beat = make_update(self.agent_id, NODE_HEARTBEAT, None)
+                self._push(push, pack(beat), count=False)
+                next_beat = now + interval
+            self._check_timers(now)
+            events = dict(self._poller.poll(max(0.0, next_beat - time.monotonic()) * 1000.0))
+            if self._pipe_in in events and self._drain_pipe(push):
+                return
+            if self._sub is not None and self._sub in events:
+                for _ in range(_DRAIN):
+                    try:
+                        frames = self._sub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_sub(frames, push)
+            if self._dealer is not None and self._dealer in events:
+                for _ in range(_DRAIN):
+                    try:
+                        frame = self._dealer.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_snapshot(frame, push)
+
+    def _drain_pipe(self, push: zmq.Socket) -> bool:
+        """Forward queued publishes; True when asked to stop."""
+        for _ in range(_DRAIN):
+            try:
+                frames = self._pipe_in.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            if frames[0] == b"S":
+                return True
+            _, key, body = frames
+            self._own[key.decode()] = body
+            self._push(push, body, count=True)
+        return False
+
+    def _push(self, push: zmq.Socket, body: bytes, count: bool) -> None:
+        try:
+            push.send(body, zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters.dropped += 1
+            return
+        if count:
+            self.counters.sent += 1
+
+    def _check_timers(self, now: float) -> None:
+        if self._state is NodeState.CONNECTING:
+            return
+        if now - self._last_hub > self.config.hub_timeout:
+            log.debug("node %r: hub silent for %.2fs, reconnecting", self.agent_id, now - self._last_hub)
+            self.counters.hub_timeouts += 1
+            self._connect()
+        elif self._state is NodeState.SYNCING and now - self._request_sent > self.config.snapshot_timeout:
+            log.debug("node %r: no snapshot within %.2fs, reconnecting", self.agent_id,
+                      self.config.snapshot_timeout)
+            self._connect()
+
+    def _connect(self) -> None:
+        """(Re)make SUB and DEALER, subscribe, then ask for a snapshot (CONNECTING -> SYNCING)."""
+        self._set_state(NodeState.CONNECTING)
+        for sock in (self._sub, self._dealer):
+            if sock is not None:
+                self._poller.unregister(sock)
+                sock.close(linger=0)
+        eps = self.config.endpoints
+        self._sub = self._socket(zmq.SUB)
+        self._sub.setsockopt_string(zmq.SUBSCRIBE, self.prefix)
+        if self.prefix:
+            self._sub.setsockopt_string(zmq.SUBSCRIBE, HUB_HEARTBEAT)
+        self._sub.connect(eps.publish)
+        self._dealer = self._socket(zmq.DEALER)
+        self._dealer.connect(eps.snapshot)
+        self._poller.register(self._sub, zmq.POLLIN)
+        self._poller.register(self._dealer, zmq.POLLIN)
+        self._last_hub = time.monotonic()
+        self._request_snapshot()
+
+    def _request_snapshot(self) -> None:
+        """Ask for a snapshot on the current DEALER; SUB traffic is queued meanwhile."""
+        if self._request_id > 0:
+            self.counters.resyncs += 1
+        self._request_id += 1
+        self._snapshot_items = {}
+        request = make_update(self.agent_id, SNAPSHOT_REQUEST,
+                              {"prefix": self.prefix, "request": self._request_id})
+        assert self._dealer is not None
+        self._dealer.send(pack(request))
+        self._request_sent = time.monotonic()
+        self._set_state(NodeState.SYNCING)
+
+    def _on_sub(self, frames: list[bytes], push: zmq.Socket) -> None:
+        self.counters.received += 1
+        self._last_hub = time.monotonic()
+        try:
+            if len(frames) != 2:
+                raise MalformedMessage(f"expected [topic, body], got {len(frames)} frames")
+            msg = unpack(frames[1], self.config.limits)
+            if frames[0] != msg.key.encode():
+                raise MalformedMessage("topic frame does not match the key")
+        except MalformedMessage as exc:
+            self.counters.malformed += 1
+            log.debug("node %r: dropped malformed update: %s", self.agent_id, exc)
+            return
+        if self._state is NodeState.SYNCING:
+            if msg.key != HUB_HEARTBEAT:
+                self._pending.append(msg)
+                if len(self._pending) > self.config.hwm:  # snapshot far behind: start over
+                    self.counters.dropped += len(self._pending)
+                    self._pending = []
+                    self._request_snapshot()
+            return
+        if self._state is NodeState.ACTIVE:
+            self._sequence(msg, push)
+
+    def _sequence(self, msg: StateUpdate, push: zmq.Socket) -> None:
+        """Apply `msg` if it is the next in sequence; otherwise drop it or re-sync."""
+        if msg.epoch != self._epoch:
+            log.debug("node %r: hub epoch changed, re-syncing", self.agent_id)
+            self._pending = [msg]
+            self._request_snapshot()
+            return
+        if msg.key == HUB_HEARTBEAT:
+            if msg.seq > self._seq:  # updates were lost at the tail
+                self.counters.gaps += 1
+                self._request_snapshot()
+            return
+        if msg.seq <= self._seq:
+            self.counters.dropped += 1
+            return
+        if msg.seq > self._seq + 1:
+            self.counters.gaps += 1
+            log.debug("node %r: gap %d -> %d, re-syncing", self.agent_id, self._seq, msg.seq)
+            self._pending = [msg]
+            self._request_snapshot()
+            return
+        self._apply(msg)
+
+    def _on_snapshot(self, frame: bytes, push: zmq.Socket) -> None:
+        self.counters.received += 1
+        self._last_hub = time.monotonic()
+        try:
+            msg = unpack(frame, self.config.limits)
+        except MalformedMessage as exc:
+            self.counters.malformed += 1
+            log.debug("node %r: dropped malformed snapshot frame: %s", self.agent_id, exc)
+            return
+        if self._state is not NodeState.SYNCING:
+            return
+        if msg.key != SNAPSHOT_END:
+            if not msg.is_control and msg.payload is not None:
+                self._snapshot_items[msg.key] = msg
+            return
+        if (msg.payload or {}).get("request") != self._request_id:
+            self._snapshot_items = {}  # the end of an older request: wait for ours
+            return
+        self._install(msg.seq, msg.epoch)
+        pending, self._pending = self._pending, []
+        for queued in pending:
+            if self._state is not NodeState.ACTIVE:
+                self._pending.append(queued)  # a re-sync started: keep queueing
+            elif queued.epoch != self._epoch or queued.seq <= self._seq:
+                self.counters.dropped += 1  # covered by the snapshot (or from an old hub)
+            else:
+                self._sequence(queued, push)
+        for key, body in self._own.items():
+            if key not in self._map:
+                self._push(push, body, count=True)  # the hub lost it (restart or expiry)
+
+    def _install(self, seq: int, epoch: int) -> None:
+        items, self._snapshot_items = self._snapshot_items, {}
+        changes: list[StateUpdate] = []
+        with self._lock:
+            old = self._map
+            for key, upd in old.items():
+                if key not in items:
+                    changes.append(replace(upd, payload=None, seq=seq, epoch=epoch))
+            for key, upd in items.items():
+                if old.get(key) != upd:
+                    changes.append(upd)
+            self._map = items
+            self._by_agent = {}
+            for key, upd in items.items():
+                self._index(key, upd)
+            self._seq, self._epoch = seq, epoch
+            self._state = NodeState.ACTIVE
+            self._lock.notify_all()
+        for upd in changes:
+            self._notify(upd)
+
+    def _apply(self, msg: StateUpdate) -> None:
+        with self._lock:
+            if msg.payload is None:
+                self._map.pop(msg.key, None)
+                owner = key_owner(msg.key)
+                names = self._by_agent.get(owner or "")
+                if names is not None:
+                    names.pop(msg.key.split("/", 2)[2], None)
+                    if not names:
+                        del self._by_agent[owner or ""]
+            else:
+                self._map[msg.key] = msg
+                self._index(msg.key, msg)
+            self._seq = msg.seq
+            self.counters.applied += 1
+            self._lock.notify_all()
+        self._notify(msg)
+
+    def _index(self, key: str, upd: StateUpdate) -> None:
+        owner = key_owner(key)
+        if owner is not None:
+            self._by_agent.setdefault(owner, {})[key.split("/", 2)[2]] = upd
+
+    def _notify(self, upd: StateUpdate) -> None:
+        for callback in self._callbacks:
+            try:
+                callback(upd)
+            except Exception:  # a user callback must not kill the bus thread
+                self.counters.callback_errors += 1
+                log.exception("node %r: on_update callback failed", self.agent_id)
+
+    def _set_state(self, state: NodeState) -> None:
+        with self._lock:
+            self._state = state
+            self._lock.notify_all()
