@@ -1,0 +1,223 @@
+"""The resonant network: switches, physics, fused attention, gradients, cached decoding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core_model.attention import ResonantAttention, rope_tables
+from core_model.config import ResoLLMConfig
+from core_model.kuramoto import KuramotoCoupling, global_order_parameter, prefix_mean_field
+from core_model.model import ResoLLMModel
+
+SWITCHES = ("prime_embedding", "kuramoto", "resonant_attention", "coherence_gating")
+
+
+def tiny(**kw) -> ResoLLMConfig:
+    base = dict(vocab_size=263, dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=128)
+    base.update(kw)
+    return ResoLLMConfig(**base)
+
+
+def build(seed: int = 0, **kw) -> ResoLLMModel:
+    torch.manual_seed(seed)
+    return ResoLLMModel(tiny(**kw)).eval()
+
+
+def ids(B=2, T=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 263, (B, T), generator=g)
+
+
+def only(name: str) -> dict:
+    return {s: s == name for s in SWITCHES}
+
+
+def test_all_switches_off_is_exactly_vanilla():
+    off = build(**{s: False for s in SWITCHES})
+    van = build(vanilla=True)
+    assert {k: v.shape for k, v in off.state_dict().items()} == {k: v.shape for k, v in van.state_dict().items()}
+    x = ids()
+    assert torch.equal(off(x).logits, van(x).logits)
+
+
+@pytest.mark.parametrize("name", ["prime_embedding", "coherence_gating"])
+def test_component_on_changes_logits_and_neutralised_equals_vanilla(name):
+    van = build(vanilla=True)
+    model = build(**only(name))
+    missing, unexpected = model.load_state_dict(van.state_dict(), strict=False)
+    assert not unexpected and missing  # the component's own parameters
+    x = ids()
+    assert not torch.allclose(model(x).logits, van(x).logits, atol=1e-5)
+    with torch.no_grad():  # neutralise the component: exactly the vanilla computation again
+        if name == "prime_embedding":
+            model.embed.blend_logit.fill_(-float("inf"))
+        else:
+            for b in model.blocks:
+                b.gate.proj.weight.zero_()
+                b.gate.order_weight.zero_()
+    assert torch.equal(model(x).logits, van(x).logits)
+
+
+def test_resonant_attention_on_changes_logits_and_zero_lambda_ignores_phases():
+    model = build(**only("resonant_attention"))
+    x = ids()
+    base = model(x).logits
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.resonance.zero_()
+        zero = model(x).logits
+        model.embed.phase_table.uniform_(0, 2 * math.pi)  # other phases, lambda 0: nothing changes
+        assert torch.allclose(model(x).logits, zero, atol=1e-6)
+    assert not torch.allclose(base, zero, atol=1e-5)
+
+
+def test_kuramoto_changes_what_phase_consumers_see():
+    with_k = build(resonant_attention=True, kuramoto=True, prime_embedding=False, coherence_gating=False)
+    without = build(resonant_attention=True, kuramoto=False, prime_embedding=False, coherence_gating=False)
+    without.load_state_dict(with_k.state_dict(), strict=False)
+    x = ids()
+    assert not torch.allclose(with_k(x).logits, without(x).logits, atol=1e-5)
+    with torch.no_grad():  # dt * (omega + K pull) = 0: phases stay, logits equal the model without it
+        for b in with_k.blocks:
+            b.kuramoto.omega.weight.zero_()
+            b.kuramoto.coupling.zero_()
+    assert torch.allclose(with_k(x).logits, without(x).logits, atol=1e-6)
+
+
+def test_stochastic_resonance_hook_changes_logits_only_when_on():
+    model = build()
+    x = ids()
+    clean = model(x).logits
+    for b in model.blocks:
+        b.ffn.noise_amplitude = 0.5
+        b.ffn.noise_generator = torch.Generator().manual_seed(0)
+    noisy = model(x).logits
+    assert not torch.allclose(clean, noisy, atol=1e-5)
+    for b in model.blocks:
+        b.ffn.noise_amplitude = 0.0
+    assert torch.equal(model(x).logits, clean)
+
+
+def test_external_field_changes_the_phases():
+    model = build()
+    x = ids(B=1)
+    field = torch.tensor([[0.8, 0.3]] * 4)  # (F, 2): real, imag of the peers' mean field
+    a, b = model(x), model(x, external_field=field)
+    assert not torch.allclose(a.phases, b.phases) and not torch.allclose(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("coupling, expect_sync", [(4.0, True), (0.0, False)])
+def test_kuramoto_order_parameter_rises_only_with_coupling(coupling, expect_sync):
+    torch.manual_seed(0)
+    step = KuramotoCoupling(dim=16, num_phases=8, dt=0.2, coupling_init=coupling)
+    hidden = torch.randn(1, 64, 16)
+    with torch.no_grad():
+        step.omega.weight.mul_(0.5 if not expect_sync else 0.0)  # spread natural frequencies without coupling
+    theta = torch.rand(1, 64, 8) * 2 * math.pi
+    r0 = float(global_order_parameter(theta))
+    with torch.no_grad():
+        for _ in range(60):
+            field, _, _ = prefix_mean_field(theta)
+            theta = step(theta, hidden, field)
+    r = float(global_order_parameter(theta))
+    if expect_sync:
+        assert r > 0.9 > r0 + 0.3
+    else:
+        assert r < 0.45
+
+
+def test_prefix_field_is_causal_and_incremental():
+    theta = torch.rand(2, 10, 4) * 6
+    full, _, _ = prefix_mean_field(theta)
+    head, s, n = prefix_mean_field(theta[:, :6])
+    tail, _, _ = prefix_mean_field(theta[:, 6:], past_sum=s, past_count=n)
+    assert torch.allclose(torch.cat([head.re, tail.re], 1), full.re, atol=1e-6)
+    assert torch.allclose(torch.cat([head.im, tail.im], 1), full.im, atol=1e-6)
+    theta2 = theta.clone()
+    theta2[:, 7:] += 1.0  # the future does not move the past
+    assert torch.allclose(prefix_mean_field(theta2)[0].re[:, :7], full.re[:, :7])
+
+
+def test_fused_resonance_equals_explicit_softmax():
+    torch.manual_seed(0)
+    cfg = tiny(resonant_attention=True, dim=64, num_heads=4, num_phases=4)
+    attn = ResonantAttention(cfg).eval()
+    with torch.no_grad():
+        attn.resonance.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0]))
+    B, T = 2, 12
+    x = torch.randn(B, T, 64)
+    theta = torch.rand(B, T, 4) * 2 * math.pi
+    rope = rope_tables(torch.arange(T).expand(B, T), attn.sem_dim, 10000.0)
+    fused = attn(x, theta, rope, None)
+    scores = attn.explicit_scores(x, theta, rope)  # s*QK^T + lambda*R, (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    v = attn.v_proj(x).view(B, T, 4, -1).transpose(1, 2)
+    explicit = attn.out_proj((probs @ v).transpose(1, 2).reshape(B, T, -1))
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    # and R really is mean_k cos(theta_ik - theta_jk)
+    R = torch.cos(theta[:, :, None] - theta[:, None]).mean(-1)
+    assert torch.allclose(R[:, 3, 3], torch.ones(B))
+
+
+def test_gradients_reach_every_resonant_parameter():
+    model = build(dropout=0.0).train()
+    x = ids()
+    loss = model(x[:, :-1], x[:, 1:]).loss
+    loss.backward()
+    names = ["embed.phase_table", "embed.blend_logit", "blocks.0.attn.resonance", "blocks.0.kuramoto.coupling",
+             "blocks.0.kuramoto.omega.weight", "blocks.1.gate.order_weight", "blocks.1.gate.proj.weight"]
+    params = dict(model.named_parameters())
+    for n in names:
+        g = params[n].grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("vanilla", [False, True])
+def test_cached_generation_matches_full_recomputation(vanilla):
+    model = build(vanilla=vanilla)
+    prompts = [[5, 9, 33, 40, 2, 7], [8, 1]]
+    for kw in ({"temperature": 0.0}, {"temperature": 0.9, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.3}):
+        cached = model.generate(prompts, max_new_tokens=30, seed=3, **kw)
+        full = model.generate(prompts, max_new_tokens=30, seed=3, use_cache=False, **kw)
+        assert cached == full and all(len(o) == 30 for o in cached)
+        if kw["temperature"] == 0.0:  # left padding does not change a row's greedy output
+            assert model.generate([prompts[1]], max_new_tokens=30, seed=3, **kw)[0] == cached[1]
+
+
+def test_cached_logits_match_full_forward():
+    model = build()
+    x = ids(B=2, T=20)
+    full = model(x).logits
+    cache = model.new_cache(2, 32)
+    parts = [model(x[:, :12], cache=cache).logits]
+    for t in range(12, 20):
+        parts.append(model(x[:, t:t + 1], cache=cache).logits)
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_generation_is_seeded_and_stops_at_eos():
+    model = build()
+    a = model.generate([[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=11)
+    b = model.generate([[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=11)
+    c = model.generate([[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=12)
+    assert a == b and a != c
+    eos = a[0][4]
+    stopped = model.generate([[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=11, eos_id=eos)
+    assert stopped[0] == a[0][: a[0].index(eos) + 1]
+
+
+def test_loss_ignores_masked_targets_and_sequence_limit_is_enforced():
+    model = build()
+    x = ids(B=1, T=16)
+    t = x.clone()
+    t[:, :8] = -100
+    out = model(x, t)
+    manual = F.cross_entropy(out.logits[0, 8:], x[0, 8:])
+    assert torch.allclose(out.loss, manual, atol=1e-6)
+    with pytest.raises(ValueError, match="exceeds"):
+        model(torch.zeros(1, 129, dtype=torch.long))
