@@ -351,8 +351,8 @@ class BusHub:
         for agent in gone:
             keys = [k for k, (m, _) in self._map.items() if m.agent == agent]
             log.debug("hub: agent %r silent for > %.2fs, expiring %d keys", agent, ttl, len(keys))
+            self.counters.expired_agents += 1
+            self.counters.expired_keys += len(keys)
             for key in keys:
                 deletion = StateUpdate(key, agent, None, 0, 0, time.time())
                 self._publish(deletion, publisher, delete=True)
-            self.counters.expired_agents += 1
-            self.counters.expired_keys += len(keys)

@@ -86,7 +86,11 @@ class BusNode:
         credentials: NodeCredentials | None = None,
         context: zmq.Context | None = None,
         prefix: str = "",
+        on_update: UpdateCallback | None = None,
     ) -> None:
+        """Start a node for `agent_id`; `on_update` (see `on_update()`) is registered before
+        the thread starts, so it also sees the first snapshot. `prefix` limits the replica to
+        keys starting with it (Clone subtrees)."""
         if not agent_id or "/" in agent_id:
             raise ConfigError(f"agent id must be non-empty without '/', got {agent_id!r}")
         if config.security == "curve" and credentials is None:
@@ -109,7 +113,7 @@ class BusNode:
         self._by_agent: dict[str, dict[str, StateUpdate]] = {}
         self._seq = 0
         self._epoch = 0
-        self._callbacks: list[UpdateCallback] = []
+        self._callbacks: list[UpdateCallback] = [on_update] if on_update is not None else []
         self.error: BaseException | None = None
         # Thread-side bookkeeping (touched only by the node thread).
         self._own: dict[str, bytes] = {}

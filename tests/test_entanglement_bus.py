@@ -1,0 +1,306 @@
+"""The bus with real sockets and threads: convergence, late join, hub restart, node death, gaps."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from entanglement import (
+    BusConfig,
+    BusEndpoints,
+    BusHub,
+    BusNode,
+    NodeError,
+    NodeState,
+    StateUpdate,
+    decode_phases,
+)
+from entanglement.testing import converged, fixed_tcp_endpoints, wait_converged
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = dict(heartbeat_interval=0.05, hub_timeout=0.4, ttl=0.6, snapshot_timeout=0.5)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def endpoints_for(transport: str) -> BusEndpoints:
+    if transport == "tcp":
+        return BusEndpoints.tcp()
+    if transport == "ipc":
+        return BusEndpoints.ipc()
+    return BusEndpoints.inproc()
+
+
+@pytest.fixture(params=["inproc", "ipc", "tcp"])
+def hub(request: pytest.FixtureRequest) -> Iterator[BusHub]:
+    hub = BusHub(BusConfig(endpoints=endpoints_for(request.param), **FAST)).start()
+    yield hub
+    hub.stop()
+
+
+def make_node(hub: BusHub, agent: str, **kwargs: object) -> BusNode:
+    ctx = hub.context if hub.config.endpoints.is_inproc else None
+    return BusNode(agent, hub.config, hub.credentials(), context=ctx, **kwargs)
+
+
+def test_nodes_publishing_in_random_orders_converge(hub: BusHub) -> None:
+    nodes = [make_node(hub, f"a{i}") for i in range(4)]
+    try:
+        assert all(n.wait_active(5) for n in nodes)
+
+        def publisher(node: BusNode, seed: int) -> None:
+            rng = random.Random(seed)
+            for i in range(150):
+                name = f"k{rng.randrange(5)}"
+                node.publish(name, {"value": i, "sedenion": [rng.random() for _ in range(16)]})
+                if rng.random() < 0.2:
+                    time.sleep(rng.random() * 0.002)
+
+        threads = [threading.Thread(target=publisher, args=(n, i)) for i, n in enumerate(nodes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        # publish() only queues: wait until every node has handed its updates to the hub
+        assert all(n.wait_for(lambda n: n.counters.sent == 150, 5) for n in nodes)
+        assert wait_until(lambda: hub.seq == 4 * 150, 10)  # ... and the hub has stamped them
+        assert wait_converged(nodes, hub, timeout=10)
+        assert all(n.peers() == {f"a{j}" for j in range(4)} - {n.agent_id} for n in nodes)
+        for n in nodes:
+            assert n.counters.sent == 150
+            assert n.counters.malformed == 0
+            assert n.alive
+    finally:
+        for n in nodes:
+            n.close()
+
+
+def test_late_joiner_gets_full_state(hub: BusHub) -> None:
+    nodes = [make_node(hub, f"a{i}") for i in range(3)]
+    late: BusNode | None = None
+    try:
+        for i, n in enumerate(nodes):
+            for k in range(10):
+                phases = np.full(8, i + k / 10, dtype=np.float32)
+                n.publish(f"k{k}", {"phases": phases, "step": k, "coherence": 0.5})
+        assert wait_converged(nodes, hub, timeout=10)
+        seen: list[StateUpdate] = []
+        late = make_node(hub, "late", on_update=seen.append)
+        assert wait_converged([*nodes, late], hub, timeout=10)
+        assert len(late.state()) == 30
+        assert late.peers() == {"a0", "a1", "a2"}
+        np.testing.assert_allclose(
+            decode_phases(late.latest("a2")["k3"].payload["phases"]), np.full(8, 2.3, np.float32)
+        )
+        assert len(seen) == 30  # the snapshot is reported through the callback too
+    finally:
+        for n in [*nodes, *([late] if late else [])]:
+            n.close()
+
+
+def test_hub_killed_and_restarted_mid_stream() -> None:
+    config = BusConfig(endpoints=fixed_tcp_endpoints(), **FAST)
+    hub1 = BusHub(config).start()
+    keys = hub1.keys
+    nodes = [BusNode(f"a{i}", hub1.config, hub1.credentials()) for i in range(3)]
+    last_sent = {n.agent_id: -1 for n in nodes}
+    stop = threading.Event()
+
+    def stream(node: BusNode) -> None:
+        i = 0
+        while not stop.is_set():
+            node.publish("counter", {"value": i})
+            last_sent[node.agent_id] = i
+            i += 1
+            time.sleep(0.002)
+
+    threads = [threading.Thread(target=stream, args=(n,)) for n in nodes]
+    hub2: BusHub | None = None
+    try:
+        assert all(n.wait_active(5) for n in nodes)
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        old_epoch = hub1.epoch
+        hub1.stop()  # killed mid-stream: its map and sequence are gone
+        time.sleep(0.2)
+        hub2 = BusHub(config, keys=keys).start()  # same endpoints, same run keys
+        assert hub2.epoch != old_epoch
+        time.sleep(0.5)  # nodes keep streaming into the new hub
+        stop.set()
+        for t in threads:
+            t.join(5)
+        assert wait_converged(nodes, hub2, timeout=10)
+        for n in nodes:
+            assert n.epoch == hub2.epoch
+            assert n.counters.resyncs >= 1
+            assert n.alive
+            for other in nodes:  # everyone carries on with everyone's latest value
+                value = n.latest(other.agent_id)["counter"].payload["value"]
+                assert value == last_sent[other.agent_id]
+    finally:
+        stop.set()
+        for n in nodes:
+            n.close()
+        if hub2 is not None:
+            hub2.stop()
+
+
+def test_node_restart_resyncs_from_snapshot(hub: BusHub) -> None:
+    a, b = make_node(hub, "a"), make_node(hub, "b")
+    try:
+        a.publish("x", {"value": 1})
+        b.publish("x", {"value": 2})
+        assert wait_converged([a, b], hub)
+        b.close()
+        a.publish("x", {"value": 3})
+        b = make_node(hub, "b")  # restarted: subscribes, takes a snapshot, carries on
+        assert wait_converged([a, b], hub)
+        assert b.latest("a")["x"].payload == {"value": 3}
+        assert b.latest("b")["x"].payload == {"value": 2}
+    finally:
+        a.close()
+        b.close()
+
+
+NODE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from entanglement import BusConfig, BusNode, NodeCredentials
+    config = BusConfig.from_dict(json.loads(sys.argv[1]))
+    node = BusNode("doomed", config, NodeCredentials.from_dict(json.loads(sys.argv[2])))
+    node.wait_active(5)
+    node.publish("phase", {"step": 1})
+    node.publish("sedenion", {"sedenion": [0.0] * 16})
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_killed_node_expires_and_peers_see_it_leave() -> None:
+    hub = BusHub(BusConfig(endpoints=BusEndpoints.tcp(), **FAST)).start()
+    watcher = BusNode("watcher", hub.config, hub.credentials())
+    left: list[StateUpdate] = []
+    watcher.on_update(lambda u: left.append(u) if u.payload is None else None)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", NODE_SCRIPT, json.dumps(hub.config.to_dict()),
+         json.dumps(hub.credentials().to_dict())],
+        stdout=subprocess.PIPE, env=env, text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert watcher.wait_for(lambda n: len(n.latest("doomed")) == 2, 5)
+        assert set(watcher.latest("doomed")) == {"phase", "sedenion"}
+        proc.kill()  # SIGKILL: no goodbye, its heartbeats just stop
+        proc.wait(5)
+        t0 = time.monotonic()
+        assert watcher.wait_for(lambda n: "doomed" not in n.peers(), 5)
+        assert time.monotonic() - t0 >= 0.3  # not before the TTL ran out
+        assert watcher.latest("doomed") == {}
+        assert {u.key for u in left} == {"agent/doomed/phase", "agent/doomed/sedenion"}
+        assert hub.counters.expired_agents == 1 and hub.counters.expired_keys == 2
+        assert "watcher" in hub.agents() and "doomed" not in hub.agents()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        watcher.close()
+        hub.stop()
+
+
+def test_dead_hub_is_detected_and_node_recovers_when_it_returns() -> None:
+    config = BusConfig(endpoints=fixed_tcp_endpoints(), security="none", **FAST)
+    hub = BusHub(config).start()
+    node = BusNode("a", hub.config)
+    try:
+        assert node.wait_active(5)
+        hub.stop()
+        assert node.wait_for(lambda n: n.counters.hub_timeouts >= 1, 3)
+        assert node.node_state is not NodeState.ACTIVE
+        node.publish("x", {"value": 7})  # queued while the hub is away
+        hub = BusHub(config).start()
+        assert node.wait_for(lambda n: "x" in n.latest("a"), 5)
+        assert wait_converged([node], hub, timeout=5)
+        assert node.latest("a")["x"].payload == {"value": 7}
+    finally:
+        node.close()
+        hub.stop()
+
+
+def test_sequence_gaps_trigger_resync_and_still_converge() -> None:
+    # Tiny HWMs over inproc (no kernel buffers) and a slow subscriber: the hub's PUB must drop.
+    config = BusConfig(endpoints=BusEndpoints.inproc(), security="none", hwm=5, **FAST)
+    hub = BusHub(config).start()
+    fast = BusNode("fast", hub.config, context=hub.context)
+    slow = BusNode("slow", hub.config, context=hub.context)
+    slow.on_update(lambda u: time.sleep(0.0005))
+    try:
+        assert fast.wait_active(5) and slow.wait_active(5)
+        for i in range(3000):
+            fast.publish(f"k{i % 50}", {"value": i})
+            if i % 100 == 0:
+                time.sleep(0.001)
+        assert wait_converged([fast, slow], hub, timeout=15)
+        assert slow.counters.gaps >= 1
+        assert slow.counters.resyncs >= 1
+        assert slow.alive and fast.alive
+    finally:
+        fast.close()
+        slow.close()
+        hub.stop()
+
+
+def test_callback_errors_are_counted_not_fatal(hub: BusHub) -> None:
+    node = make_node(hub, "a")
+    try:
+        node.on_update(lambda u: 1 / 0)
+        node.publish("x", {"value": 1})
+        assert node.wait_for(lambda n: n.counters.callback_errors >= 1, 5)
+        node.publish("x", {"value": 2})
+        assert node.wait_for(lambda n: n.latest("a").get("x") is not None
+                             and n.latest("a")["x"].payload == {"value": 2}, 5)
+        assert node.alive
+    finally:
+        node.close()
+
+
+def test_delete_and_converged_helper(hub: BusHub) -> None:
+    a = make_node(hub, "a")
+    try:
+        a.publish("x", {"value": 1})
+        assert wait_converged([a], hub)
+        a.delete("x")
+        assert a.wait_for(lambda n: "a" not in n.peers(include_self=True), 5)
+        assert converged([a], hub)
+    finally:
+        a.close()
+
+
+def test_closed_node_refuses_publish() -> None:
+    hub = BusHub(BusConfig(security="none", **FAST)).start()
+    node = BusNode("a", hub.config)
+    node.close()
+    hub.stop()
+    with pytest.raises(NodeError, match="closed"):
+        node.publish("x", {"value": 1})
