@@ -38,6 +38,7 @@ class AgencyConfig:
     intensity_weight: float = 0.2
     goal_bias: float = 1.5  # logit bias towards goal tokens, scaled up when progress stalls
     achievement_threshold: float = 0.6
+    update_every: int = 8  # decoding steps between goal-progress and attention-foci updates
 
     def validate(self, prefix: str = "agency") -> None:
         _check(self.max_foci >= 1, f"{prefix}.max_foci", f"must be >= 1, got {self.max_foci}")
@@ -45,6 +46,7 @@ class AgencyConfig:
         for name in ("novelty_weight", "relevance_weight", "intensity_weight", "goal_bias"):
             _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
         _check(0 < self.achievement_threshold <= 1, f"{prefix}.achievement_threshold", "must lie in (0, 1]")
+        _check(self.update_every >= 1, f"{prefix}.update_every", "must be >= 1")
 
 
 @dataclass
@@ -89,6 +91,11 @@ class StabilityConfig:
     window: int = 16
     halt_on_instability: bool = False
     min_tokens_before_halt: int = 16
+    lyapunov: bool = True  # run the perturbed twin trajectory (batch row 2) for the Lyapunov estimate
+    perturbation: float = 1e-3  # relative size of the twin's prompt perturbation
+    entropy_low: float = 0.15  # normalised entropy below which the temperature is raised
+    entropy_high: float = 0.85  # ... above which it is lowered
+    temperature_step: float = 0.1  # multiplicative step of the temperature controller
 
     def validate(self, prefix: str = "stability") -> None:
         _check(self.predictive_horizon >= 1, f"{prefix}.predictive_horizon", "must be >= 1")
@@ -96,6 +103,10 @@ class StabilityConfig:
                f"must satisfy 0 < min_temperature <= max_temperature ({self.max_temperature})")
         _check(self.window >= 2, f"{prefix}.window", "must be >= 2")
         _check(self.min_tokens_before_halt >= 0, f"{prefix}.min_tokens_before_halt", "must be >= 0")
+        _check(self.perturbation > 0, f"{prefix}.perturbation", "must be > 0")
+        _check(0 <= self.entropy_low < self.entropy_high <= 1, f"{prefix}.entropy_low",
+               "must satisfy 0 <= entropy_low < entropy_high <= 1")
+        _check(0 < self.temperature_step < 1, f"{prefix}.temperature_step", "must lie in (0, 1)")
 
 
 @dataclass
