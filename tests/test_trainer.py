@@ -1,0 +1,117 @@
+"""The pure-torch trainer: schedule, exact resume, checkpoint format, metrics and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from core_model.checkpoint import load_checkpoint
+from core_model.config import ResoLLMConfig
+from core_model.data import prepare_data
+from core_model.model import ResoLLMModel
+from core_model.train_state import STATE_FILE, latest_checkpoint, load_training_state
+from core_model.trainer import TrainConfig, Trainer, TrainError, lr_factor
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LLAMA2_1K = DATA / "guanaco-llama2-1k"
+GUANACO_TEST = DATA / "openassistant-guanaco" / "openassistant_best_replies_eval.jsonl"
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {DATA} is absent")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return prepare_data(str(LLAMA2_1K), str(GUANACO_TEST), block_size=32)
+
+
+def tiny_model(vocab_size: int, dropout: float = 0.1) -> ResoLLMModel:
+    torch.manual_seed(0)
+    return ResoLLMModel(ResoLLMConfig(vocab_size=vocab_size, dim=64, num_layers=2, num_heads=2, num_phases=4,
+                                      max_seq_len=32, dropout=dropout))
+
+
+def make_trainer(bundle, out: Path, **overrides) -> Trainer:
+    settings = dict(max_steps=8, batch_size=4, warmup_steps=2, eval_interval=4, eval_batches=2, log_interval=1,
+                    checkpoint_interval=3, out_dir=str(out), progress=False, seed=3)
+    dropout = overrides.pop("dropout", 0.1)
+    settings.update(overrides)
+    return Trainer(tiny_model(bundle.tokenizer.vocab_size, dropout), bundle.tokenizer, bundle.train, bundle.eval,
+                   TrainConfig(**settings))
+
+
+def test_warmup_then_cosine_from_real_step_count():
+    factors = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # monotone decay after warmup
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    cfg = TrainConfig(max_steps=None, epochs=2, batch_size=4)
+    assert cfg.total_steps(num_blocks=100) == 50
+    assert cfg.total_steps(num_blocks=100, world_size=2) == 24
+
+
+def test_no_weight_decay_on_norms_biases_phases(bundle, tmp_path):
+    trainer = make_trainer(bundle, tmp_path)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert any("phase" in names[id(p)] or "coupling" in names[id(p)] for p in no_decay["params"])
+
+
+def test_resume_continues_with_identical_losses(bundle, tmp_path):
+    full = make_trainer(bundle, tmp_path / "full").fit()
+    first = make_trainer(bundle, tmp_path / "split").fit(stop_at=5)  # checkpoint written at step 3 and 5
+    ckpt = latest_checkpoint(tmp_path / "split" / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step_00000005"
+    resumed = make_trainer(bundle, tmp_path / "split")
+    assert resumed.resume(ckpt) == 5
+    rest = resumed.fit()
+    assert [s for s, _ in first.losses + rest.losses] == list(range(1, 9))
+    assert [loss for _, loss in first.losses + rest.losses] == [loss for _, loss in full.losses]  # bit-exact
+    assert rest.eval_loss == pytest.approx(full.eval_loss, rel=0, abs=1e-9)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "split" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, 9))
+
+
+def test_checkpoint_contents_load_weights_only(bundle, tmp_path):
+    trainer = make_trainer(bundle, tmp_path, max_steps=3)
+    trainer.fit()
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)  # no arbitrary unpickling needed
+    assert state["step"] == 3 and state["scheduler"]["last_epoch"] == 3
+    assert set(state["data"]) >= {"seed", "epoch", "step_in_epoch", "world_size"}
+    assert isinstance(state["rng"][0]["torch"], torch.Tensor)
+    assert load_training_state(ckpt)["optimizer"]["state"]
+    model, tok = load_checkpoint(ckpt)
+    assert tok.vocab_size == model.config.vocab_size
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    exported = trainer.export()
+    again = ResoLLMModel.from_checkpoint(exported)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), trainer.model.state_dict().values()))
+
+
+def test_resume_refuses_different_data_settings(bundle, tmp_path):
+    make_trainer(bundle, tmp_path, max_steps=3).fit()
+    other = make_trainer(bundle, tmp_path / "other", batch_size=2)
+    with pytest.raises(TrainError, match="batch_size"):
+        other.resume(latest_checkpoint(tmp_path / "checkpoints"))
+
+
+def test_eval_perplexity_is_exp_of_loss(bundle, tmp_path):
+    summary = make_trainer(bundle, tmp_path, max_steps=4, dropout=0.0).fit()
+    assert summary.eval_ppl == pytest.approx(math.exp(summary.eval_loss))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["event"] == "start" and rows[-1]["step"] == 4 and "eval_loss" in rows[-1]
+
+
+def test_invalid_config_is_refused():
+    with pytest.raises(TrainError, match="batch_size"):
+        TrainConfig(batch_size=0).validate()
+    with pytest.raises(TrainError, match="max_steps or epochs"):
+        TrainConfig(max_steps=None, epochs=None).validate()
