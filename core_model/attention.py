@@ -24,34 +24,36 @@ from .cache import LayerCache
 from .config import PHI, ResoLLMConfig
 
 
-def rope_tables(positions: torch.Tensor, rot_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(rot_dim: int, base: float) -> torch.Tensor:
+    """Rotary frequencies ``base^(-2i/rot_dim)``, shape (rot_dim/2,)."""
+    return 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32):
     """cos/sin tables for rotary embeddings: positions (B, T) -> (B, 1, T, rot_dim/2) each."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, device=positions.device, dtype=torch.float32) / rot_dim))
-    ang = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (B, T, rot_dim/2)
-    return ang.cos().unsqueeze(1), ang.sin().unsqueeze(1)
+    ang = (positions.unsqueeze(-1) * inv_freq).unsqueeze(1)  # (B, 1, T, rot_dim/2)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x (B, H, T, d)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class ResonantAttention(nn.Module):
+    """Attention over q, k, v that the block projects (one matrix for q, k, v and the other
+    read-outs of the normalised input); this module adds RoPE, the phase features and the cache."""
+
     def __init__(self, config: ResoLLMConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.resonant = config.use_resonant_attention
         self.num_phases = config.num_phases
         self.sem_dim = self.head_dim - config.phase_dims_per_head
-        self.rope, self.rope_base = config.rope, config.rope_base
         self.dropout = config.dropout
-        H, d_s = self.num_heads, self.sem_dim
-        self.q_proj = nn.Linear(config.dim, H * d_s, bias=config.bias)
-        self.k_proj = nn.Linear(config.dim, H * d_s, bias=config.bias)
-        self.v_proj = nn.Linear(config.dim, H * self.head_dim, bias=config.bias)
+        H = self.num_heads
+        self.qkv_width = H * (2 * self.sem_dim + self.head_dim)
         self.out_proj = nn.Linear(H * self.head_dim, config.dim, bias=config.bias)
         if self.resonant:
             ladder = config.resonance_lambda0 * PHI ** -torch.arange(H, dtype=torch.float32)
@@ -61,26 +63,34 @@ class ResonantAttention(nn.Module):
         """w_h = lambda_h * sqrt(d) / F, shape (1, H, 1, 1)."""
         return (self.resonance * math.sqrt(self.head_dim) / self.num_phases).view(1, -1, 1, 1)
 
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (B, H, T, d_s) and v (B, H, T, d) from the projected qkv (B, T, qkv_width)."""
+        B, T, _ = qkv.shape
+        H, d_s = self.num_heads, self.sem_dim
+        q, k, v = qkv.split([H * d_s, H * d_s, H * self.head_dim], dim=-1)
+        return (q.view(B, T, H, d_s).transpose(1, 2), k.view(B, T, H, d_s).transpose(1, 2),
+                v.view(B, T, H, self.head_dim).transpose(1, 2))
+
     def forward(
         self,
-        x: torch.Tensor,
-        theta: torch.Tensor | None,
+        qkv: torch.Tensor,
+        u: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         attn_mask: torch.Tensor | None,
         cache: LayerCache | None = None,
         cache_start: int = 0,
     ) -> torch.Tensor:
-        """x (B, T, D); theta (B, T, F); attn_mask bool (B, 1, T, T_k) or None for plain causal."""
-        B, T, _ = x.shape
+        """qkv (B, T, qkv_width); u = (cos theta, sin theta) (B, T, F, 2); attn_mask bool
+        (B, 1, T, T_k) or None for plain causal. Returns (B, T, D)."""
+        B, T, _ = qkv.shape
         H = self.num_heads
-        q = self.q_proj(x).view(B, T, H, self.sem_dim).transpose(1, 2)  # (B, H, T, d_s)
-        k = self.k_proj(x).view(B, T, H, self.sem_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, H, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        q, k, v = self.split_heads(qkv)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.resonant:
-            feats = torch.cat([theta.cos(), theta.sin()], dim=-1).unsqueeze(1).to(q.dtype)  # (B, 1, T, 2F)
-            q = torch.cat([q, self.phase_weight().to(q.dtype) * feats.expand(B, H, T, -1)], dim=-1)
+            # (cos, sin) pairs interleaved: the order is irrelevant as q and k share it
+            feats = u.flatten(-2).unsqueeze(1)  # (B, 1, T, 2F)
+            q = torch.cat([q, (self.phase_weight() * feats).expand(B, H, T, -1)], dim=-1)
             k = torch.cat([k, feats.expand(B, H, T, -1)], dim=-1)
         if cache is not None:
             end = cache_start + T
@@ -95,18 +105,15 @@ class ResonantAttention(nn.Module):
             elif T == 1:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
             else:
-                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=qkv.device).tril(k.shape[2] - T)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
-    def explicit_scores(self, x: torch.Tensor, theta: torch.Tensor, rope=None) -> torch.Tensor:
+    def explicit_scores(self, qkv: torch.Tensor, theta: torch.Tensor, rope=None) -> torch.Tensor:
         """Reference path for tests: the explicit ``s*QK^T + lambda*R`` logits (B, H, T, T)."""
-        B, T, _ = x.shape
-        H = self.num_heads
-        q = self.q_proj(x).view(B, T, H, self.sem_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, H, self.sem_dim).transpose(1, 2)
+        q, k, _ = self.split_heads(qkv)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)

@@ -1,10 +1,12 @@
 """One ResoFormer block: resonant attention, coherence gate, FFN, then a Kuramoto step.
 
-    r     = order parameter of the prefix mean field of theta            (kuramoto.py)
-    g     = CoherenceGate(x, r)                or 1 when gating is off    (gating.py)
-    x     = x + g * Attn(LN(x), theta)                                    (attention.py)
-    x     = x + g * FFN(LN(x))                                            (feedforward.py)
-    theta = theta + dt*(omega(x) + K |z| sin(arg z - theta) + ext)       or unchanged when off
+    h             = LN(x)
+    q,k,v,omega,w = h @ W_in                  one matrix for everything read from h
+    z, r          = prefix mean field of theta and its order parameter     (kuramoto.py)
+    g             = CoherenceGate(w, r)        or 1 when gating is off      (gating.py)
+    x             = x + g * Attn(q, k, v, theta)                           (attention.py)
+    x             = x + g * FFN(LN(x))                                     (feedforward.py)
+    theta         = theta + dt*(omega + K |z| sin(arg z - theta) + ext)   or unchanged when off
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from .cache import LayerCache
 from .config import ResoLLMConfig
 from .feedforward import ResonantFFN
 from .gating import CoherenceGate
-from .kuramoto import KuramotoCoupling, prefix_mean_field
+from .kuramoto import KuramotoCoupling, order_parameter, phasors, prefix_mean_field
 
 
 @dataclass
 class BlockTrace:
     order: torch.Tensor | None  # (B, T) local order parameter of this block's input phases
-    gate: torch.Tensor | None  # (B, T, 1)
+    gate: torch.Tensor | None  # (B, T, 1): sigma(.), the gate g = 2 * sigma(.) lies in (0, 2)
 
 
 class ResoFormerBlock(nn.Module):
@@ -38,11 +40,11 @@ class ResoFormerBlock(nn.Module):
                                config.stochastic_resonance.weak_fraction)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.needs_field = config.use_kuramoto or config.use_coherence_gating
-        self.gate = CoherenceGate(config.dim, config.gate_threshold) if config.use_coherence_gating else None
-        self.kuramoto = (
-            KuramotoCoupling(config.dim, config.num_phases, config.kuramoto_dt, config.kuramoto_coupling_init)
-            if config.use_kuramoto else None
-        )
+        self.gate = CoherenceGate(config.gate_threshold) if config.use_coherence_gating else None
+        self.kuramoto = KuramotoCoupling(config.kuramoto_dt, config.kuramoto_coupling_init) if config.use_kuramoto else None
+        # Widths of the input projection's read-outs: [qkv | omega | gate logit]
+        self.in_widths = [self.attn.qkv_width, config.num_phases if self.kuramoto else 0, 1 if self.gate else 0]
+        self.in_proj = nn.Linear(config.dim, sum(self.in_widths), bias=config.bias)
 
     def forward(
         self,
@@ -51,21 +53,33 @@ class ResoFormerBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         attn_mask: torch.Tensor | None,
         valid: torch.Tensor | None,
+        counts: torch.Tensor | None,
         external: torch.Tensor | None,
         cache: LayerCache | None,
         cache_start: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None, BlockTrace]:
-        field = None
+        """x (B, T, D); theta (B, T, F) or None; counts (B, T, 1, 1): the n of each prefix mean field."""
+        qkv, omega, gate_logit = self.in_proj(self.ln_attn(x)).split(self.in_widths, dim=-1)
+        u = phasors(theta) if theta is not None else None  # shared by every phase consumer
+        z = order = None
         if self.needs_field:
-            past = (cache.phase_sum, cache.phase_count) if cache is not None and cache.phase_sum is not None else (None, None)
-            field, new_sum, new_count = prefix_mean_field(theta, valid, *past)
+            past = cache.phase_sum if cache is not None else None
+            z, running = prefix_mean_field(u, counts, past, valid)
             if cache is not None:
-                cache.phase_sum, cache.phase_count = new_sum, new_count
-        gate = self.gate(x, field.order) if self.gate is not None else None
-        a = self.resid_dropout(self.attn(self.ln_attn(x), theta, rope, attn_mask, cache, cache_start))
-        x = x + (gate * a if gate is not None else a)
+                cache.phase_sum = running
+            order = order_parameter(z)
+        a = self.resid_dropout(self.attn(qkv, u, rope, attn_mask, cache, cache_start))
+        gate = self.gate(gate_logit, order) if self.gate is not None else None  # sigma(.), g = 2 * gate
+        x = x + a if gate is None else torch.addcmul(x, gate, a, value=2.0)
         f = self.ffn(self.ln_ffn(x))
-        x = x + (gate * f if gate is not None else f)
+        x = x + f if gate is None else torch.addcmul(x, gate, f, value=2.0)
         if self.kuramoto is not None:
-            theta = self.kuramoto(theta, x, field, external)
-        return x, theta, BlockTrace(field.order if field is not None else None, gate)
+            theta = self.kuramoto(theta, omega, z, external, u)
+        return x, theta, BlockTrace(order, gate)
+
+    # Named views of the input projection's rows (for tests and analysis)
+    def in_rows(self, part: str) -> torch.Tensor:
+        """Rows of ``in_proj.weight`` for ``part`` in {'qkv', 'omega', 'gate'}."""
+        start = {"qkv": 0, "omega": self.in_widths[0], "gate": self.in_widths[0] + self.in_widths[1]}[part]
+        width = self.in_widths[["qkv", "omega", "gate"].index(part)]
+        return self.in_proj.weight[start:start + width]

@@ -12,8 +12,7 @@ import torch
 class LayerCache:
     k: torch.Tensor  # (B, H, T_max, head_dim): [semantic q/k part, cos, sin] for resonant heads
     v: torch.Tensor  # (B, H, T_max, head_dim)
-    phase_sum: tuple[torch.Tensor, torch.Tensor] | None = None  # Kuramoto running sum (B, F) x2
-    phase_count: torch.Tensor | None = None  # (B,)
+    phase_sum: torch.Tensor | None = None  # Kuramoto running sum of (cos, sin) theta, (B, F, 2)
 
 
 @dataclass
@@ -25,6 +24,7 @@ class ModelCache:
     length: int = 0
     key_valid: torch.Tensor | None = None  # (B, T_max) bool, only when some token is padding
     next_pos: torch.Tensor | None = None  # (B,) position of the next token per row
+    phase_count: torch.Tensor | None = None  # (B,) valid tokens so far (the n of the mean fields)
     last_phases: torch.Tensor | None = None  # (B, F) final-block phases of the last token
     extras: dict = field(default_factory=dict)
 
@@ -39,7 +39,8 @@ class ModelCache:
             for _ in range(num_layers)
         ]
         return cls(layers=layers, max_len=max_len,
-                   next_pos=torch.zeros(batch, dtype=torch.long, device=device))
+                   next_pos=torch.zeros(batch, dtype=torch.long, device=device),
+                   phase_count=torch.zeros(batch, dtype=torch.float32, device=device))
 
     @property
     def batch_size(self) -> int:
@@ -49,11 +50,6 @@ class ModelCache:
         """A cache holding only the given batch rows (for dropping finished sequences)."""
         def pick(t):
             return None if t is None else t.index_select(0, rows)
-        layers = [
-            LayerCache(pick(l.k), pick(l.v),
-                       None if l.phase_sum is None else (pick(l.phase_sum[0]), pick(l.phase_sum[1])),
-                       pick(l.phase_count))
-            for l in self.layers
-        ]
+        layers = [LayerCache(pick(l.k), pick(l.v), pick(l.phase_sum)) for l in self.layers]
         return ModelCache(layers, self.max_len, self.length, pick(self.key_valid), pick(self.next_pos),
-                          pick(self.last_phases), dict(self.extras))
+                          pick(self.phase_count), pick(self.last_phases), dict(self.extras))

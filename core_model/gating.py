@@ -14,13 +14,15 @@ import torch.nn as nn
 
 
 class CoherenceGate(nn.Module):
-    def __init__(self, dim: int, threshold: float) -> None:
+    """``w . h_i`` is one column of the block's input projection (it reads the normalised hidden
+    state together with q, k, v); this module holds ``a`` and applies the order-parameter term."""
+
+    def __init__(self, threshold: float) -> None:
         super().__init__()
         self.threshold = threshold
-        self.proj = nn.Linear(dim, 1, bias=False)
         self.order_weight = nn.Parameter(torch.tensor(1.0))  # a
 
-    def forward(self, hidden: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        """hidden (B, T, D), order (B, T) -> gate (B, T, 1)."""
-        logit = self.proj(hidden) + self.order_weight * (order - self.threshold).unsqueeze(-1).to(hidden.dtype)
-        return 2 * torch.sigmoid(logit)
+    def forward(self, hidden_logit: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """hidden_logit ``w . h`` (B, T, 1), order (B, T) -> ``g / 2`` (B, T, 1); the block applies
+        the factor 2 inside its residual ``addcmul`` (one kernel instead of two)."""
+        return torch.sigmoid(torch.addcmul(hidden_logit, order.unsqueeze(-1) - self.threshold, self.order_weight))

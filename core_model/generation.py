@@ -84,7 +84,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],

@@ -2,94 +2,91 @@
 
 Each position ``i`` and oscillator ``k`` feels the mean field of its prefix,
 
-    z_{i,k} = (1 / n_i) * sum_{j <= i} exp(1j * theta_{j,k})          (n_i = valid positions <= i)
+    u_{j,k}  = (cos theta_{j,k}, sin theta_{j,k})                       (the phasor, as two reals)
+    z_{i,k}  = (1 / n_i) * sum_{j <= i} u_{j,k}                         (n_i = valid positions <= i)
     theta_{i,k} <- theta_{i,k} + dt * ( omega_{i,k}
                                         + K * |z_{i,k}| * sin(arg z_{i,k} - theta_{i,k})
                                         + |Z^ext_k| * sin(arg Z^ext_k - theta_{i,k}) )
 
-with natural frequencies ``omega = W h`` read from the hidden state, a learned coupling ``K`` per
-block and an optional external field ``Z^ext`` from other agents' phases (already scaled by
-their coupling strength). ``|z| sin(arg z - theta) = Im(z * exp(-1j*theta))``, so with ``K > 0``
-phases are pulled towards their prefix's mean phase and the order parameter ``|z|`` rises
-towards 1. Prefix sums make it O(T); in decoding the running sum lives in the cache.
+with natural frequencies ``omega = W h`` read from the normalised hidden state (``W`` is part of the
+block's input projection), a learned coupling ``K`` per block and an optional external field
+``Z^ext`` from other agents' phases (already scaled by their coupling strength). Since
+``|z| sin(arg z - theta) = Im z * cos theta - Re z * sin theta``, with ``K > 0`` phases are
+pulled towards their prefix's mean phase and the order parameter ``|z|`` rises towards 1.
+Prefix sums make it O(T); in decoding the running sum lives in the cache, so each new token
+costs O(F). Phasors are real (..., F, 2) tensors: fewer kernel calls than complex ones on CPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 import torch.nn as nn
 
+_QUARTER_TURN = torch.tensor([0.0, math.pi / 2])  # cos(theta - pi/2) = sin(theta)
 
-@dataclass
-class PhaseField:
-    """The prefix mean field of one block's phases: real and imaginary parts, (B, T, F)."""
 
-    re: torch.Tensor
-    im: torch.Tensor
-
-    @property
-    def order(self) -> torch.Tensor:
-        """Local order parameter ``r_i = mean_k |z_{i,k}|``, shape (B, T)."""
-        return torch.sqrt(self.re**2 + self.im**2).mean(dim=-1)
+def phasors(theta: torch.Tensor) -> torch.Tensor:
+    """``(cos theta, sin theta)`` stacked last: (..., F) -> (..., F, 2)."""
+    return torch.cos(theta.unsqueeze(-1) - _QUARTER_TURN.to(device=theta.device, dtype=theta.dtype))
 
 
 def prefix_mean_field(
-    theta: torch.Tensor,
+    u: torch.Tensor,
+    counts: torch.Tensor,
+    past_sum: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
-    past_sum: tuple[torch.Tensor, torch.Tensor] | None = None,
-    past_count: torch.Tensor | None = None,
-) -> tuple[PhaseField, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Prefix mean field of ``theta`` (B, T, F), continuing a cached running sum.
-
-    Returns the field, the new running sum ``(re, im)`` of shape (B, F) and the new count (B,).
-    """
-    c, s = theta.cos(), theta.sin()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix mean field ``z`` (B, T, F, 2) of the phasors ``u`` (B, T, F, 2), continuing
+    ``past_sum`` (B, F, 2). ``counts`` (B, T, 1, 1) holds ``n_i``; ``valid`` (B, T) masks padding.
+    Returns ``(z, running_sum)``, the running sum over every position so far (B, F, 2)."""
     if valid is not None:
-        w = valid.to(theta.dtype).unsqueeze(-1)  # (B, T, 1)
-        c, s = c * w, s * w
-        counts = valid.to(theta.dtype).cumsum(dim=1)  # (B, T)
-    else:
-        counts = torch.arange(1, theta.shape[1] + 1, device=theta.device, dtype=theta.dtype).expand(theta.shape[0], -1)
-    cre, cim = c.cumsum(dim=1), s.cumsum(dim=1)  # (B, T, F)
+        u = u * valid[:, :, None, None].to(u.dtype)
+    total = u.cumsum(dim=1) if u.shape[1] > 1 else u
     if past_sum is not None:
-        cre = cre + past_sum[0].unsqueeze(1)
-        cim = cim + past_sum[1].unsqueeze(1)
-        counts = counts + past_count.unsqueeze(1)
-    n = counts.clamp(min=1).unsqueeze(-1)
-    field = PhaseField(cre / n, cim / n)
-    return field, (cre[:, -1], cim[:, -1]), counts[:, -1]
+        total = total + past_sum.unsqueeze(1)
+    return total / counts, total[:, -1]
+
+
+def order_parameter(z: torch.Tensor) -> torch.Tensor:
+    """Local order parameter ``r_i = mean_k |z_{i,k}|``: (B, T, F, 2) -> (B, T)."""
+    return torch.linalg.vector_norm(z, dim=-1).mean(dim=-1)
+
+
+def phase_pull(field: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``|Z| sin(arg Z - theta) = Im Z cos theta - Re Z sin theta`` for field (..., F, 2), u (..., F, 2)."""
+    return torch.addcmul(field[..., 1] * u[..., 0], field[..., 0], u[..., 1], value=-1.0)
 
 
 class KuramotoCoupling(nn.Module):
-    """One block's Kuramoto step (see module docstring)."""
+    """One block's Kuramoto step (see module docstring); holds the learned coupling ``K``."""
 
-    def __init__(self, dim: int, num_phases: int, dt: float, coupling_init: float) -> None:
+    def __init__(self, dt: float, coupling_init: float) -> None:
         super().__init__()
         self.dt = dt
-        self.omega = nn.Linear(dim, num_phases, bias=False)
-        self.coupling = nn.Parameter(torch.tensor(float(coupling_init)))
+        self.coupling = nn.Parameter(torch.tensor(float(coupling_init)))  # K
 
     def forward(
         self,
         theta: torch.Tensor,
-        hidden: torch.Tensor,
-        field: PhaseField,
+        omega: torch.Tensor,
+        z: torch.Tensor,
         external: torch.Tensor | None = None,
+        u: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """theta (B, T, F), hidden (B, T, D), field of theta; external (B, F, 2) or (F, 2) or None."""
-        c, s = theta.cos(), theta.sin()
-        pull = field.im * c - field.re * s  # |z| sin(arg z - theta)
-        dtheta = self.omega(hidden) + self.coupling * pull
+        """theta and omega (B, T, F); z (B, T, F, 2) the prefix mean field of theta; external
+        (B, F, 2) or (F, 2) as (real, imag), or None; ``u = phasors(theta)`` when already computed."""
+        if u is None:
+            u = phasors(theta)
+        dtheta = torch.addcmul(omega, self.coupling, phase_pull(z, u))
         if external is not None:
             ext = external.to(theta.dtype)
-            if ext.dim() == 2:
-                ext = ext.unsqueeze(0)
-            dtheta = dtheta + ext[..., 1].unsqueeze(1) * c - ext[..., 0].unsqueeze(1) * s
-        return theta + self.dt * dtheta
+            ext = ext.unsqueeze(-3) if ext.dim() == 3 else ext  # (B, 1, F, 2): same field at every position
+            dtheta = dtheta + phase_pull(ext, u)
+        return torch.add(theta, dtheta, alpha=self.dt)
 
 
 def global_order_parameter(theta: torch.Tensor) -> torch.Tensor:
     """``|mean_i exp(1j*theta_i)|`` over positions, averaged over oscillators: (B,) for (B, T, F)."""
-    return torch.sqrt(theta.cos().mean(1) ** 2 + theta.sin().mean(1) ** 2).mean(-1)
+    return torch.linalg.vector_norm(phasors(theta).mean(1), dim=-1).mean(-1)

@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import rope_tables
+from .attention import rope_inv_freq, rope_tables
 from .block import BlockTrace, ResoFormerBlock
 from .cache import ModelCache
+from .cognition.api import CognitionMixin
 from .config import ResoLLMConfig
 from .embedding import PrimeTokenEmbedding
 
@@ -44,7 +45,7 @@ class ModelOutput:
         return self.traces[-1].order
 
 
-class ResoLLMModel(nn.Module):
+class ResoLLMModel(CognitionMixin, nn.Module):
     def __init__(self, config: ResoLLMConfig) -> None:
         super().__init__()
         config.validate()
@@ -56,6 +57,14 @@ class ResoLLMModel(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.semantic.weight
+        # Inference-time cognition (core_model/cognition): PRSC concept states and the 16-axis memory
+        # state enter the network through these projections, added to the input embedding.
+        if config.prsc.enabled:
+            self.concept_proj = nn.Linear(2 * config.num_phases, config.dim, bias=False)
+        if config.temporal_smf.enabled:
+            self.memory_proj = nn.Linear(16, config.dim, bias=False)
+        rot_dim = self.blocks[0].attn.sem_dim
+        self.register_buffer("rope_inv_freq", rope_inv_freq(rot_dim, config.rope_base), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
             if name.endswith(("attn.out_proj.weight", "ffn.proj.weight")):
@@ -100,16 +109,19 @@ class ResoLLMModel(nn.Module):
         x = self.drop(x)
 
         positions, attn_mask = self._positions_and_mask(B, T, valid, cache, input_ids.device)
-        rope = rope_tables(positions, self.blocks[0].attn.sem_dim, self.config.rope_base) if self.config.rope else None
+        rope = rope_tables(positions, self.rope_inv_freq, x.dtype) if self.config.rope else None
 
+        counts = self._field_counts(B, T, valid, cache, x.device) if theta is not None else None
         traces = []
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            x, theta, trace = block(x, theta, rope, attn_mask, valid, external_field, layer_cache, start)
+            x, theta, trace = block(x, theta, rope, attn_mask, valid, counts, external_field, layer_cache, start)
             traces.append(trace)
         if cache is not None:
             cache.length = start + T
             cache.next_pos = positions[:, -1] + 1
+            if counts is not None:
+                cache.phase_count = counts[:, -1, 0, 0]
             if theta is not None:
                 cache.last_phases = theta[:, -1].detach()
 
@@ -122,6 +134,17 @@ class ResoLLMModel(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return ModelOutput(logits=logits, loss=loss, hidden=hidden, phases=theta, traces=traces)
+
+    @staticmethod
+    def _field_counts(B, T, valid, cache, device) -> torch.Tensor:
+        """``n_i`` of every prefix mean field (B, T, 1): valid tokens up to and including ``i``."""
+        if valid is None:
+            counts = torch.arange(1, T + 1, device=device, dtype=torch.float32).expand(B, T)
+        else:
+            counts = valid.float().cumsum(1)
+        if cache is not None:
+            counts = counts + cache.phase_count.unsqueeze(1)
+        return counts.clamp(min=1)[:, :, None, None]
 
     def _positions_and_mask(self, B, T, valid, cache, device):
         """RoPE positions (B, T) and a boolean attention mask (B, 1, T, T_k), or None when plain causal."""
@@ -154,7 +177,6 @@ class ResoLLMModel(nn.Module):
         return ModelCache.allocate(batch, self.config.num_layers, self.config.num_heads, head_dim,
                                    max_len, p.device, p.dtype)
 
-    @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 64, **kwargs):
         """Sample continuations; see :func:`core_model.generation.generate` for the options."""
         from .generation import generate

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core_model.attention import ResonantAttention, rope_tables
+from core_model.attention import ResonantAttention, rope_inv_freq, rope_tables
 from core_model.config import ResoLLMConfig
-from core_model.kuramoto import KuramotoCoupling, global_order_parameter, prefix_mean_field
+from core_model.kuramoto import KuramotoCoupling, global_order_parameter, prefix_mean_field, phasors
 from core_model.model import ResoLLMModel
 
 SWITCHES = ("prime_embedding", "kuramoto", "resonant_attention", "coherence_gating")
@@ -48,7 +48,10 @@ def test_all_switches_off_is_exactly_vanilla():
 def test_component_on_changes_logits_and_neutralised_equals_vanilla(name):
     van = build(vanilla=True)
     model = build(**only(name))
-    missing, unexpected = model.load_state_dict(van.state_dict(), strict=False)
+    state = van.state_dict()
+    for i, b in enumerate(model.blocks):  # vanilla rows first; the gate row keeps its own init
+        state[f"blocks.{i}.in_proj.weight"] = torch.cat([state[f"blocks.{i}.in_proj.weight"], b.in_rows("gate")])
+    missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and missing  # the component's own parameters
     x = ids()
     assert not torch.allclose(model(x).logits, van(x).logits, atol=1e-5)
@@ -57,7 +60,7 @@ def test_component_on_changes_logits_and_neutralised_equals_vanilla(name):
             model.embed.blend_logit.fill_(-float("inf"))
         else:
             for b in model.blocks:
-                b.gate.proj.weight.zero_()
+                b.in_rows("gate").zero_()
                 b.gate.order_weight.zero_()
     assert torch.equal(model(x).logits, van(x).logits)
 
@@ -78,12 +81,15 @@ def test_resonant_attention_on_changes_logits_and_zero_lambda_ignores_phases():
 def test_kuramoto_changes_what_phase_consumers_see():
     with_k = build(resonant_attention=True, kuramoto=True, prime_embedding=False, coherence_gating=False)
     without = build(resonant_attention=True, kuramoto=False, prime_embedding=False, coherence_gating=False)
-    without.load_state_dict(with_k.state_dict(), strict=False)
+    state = with_k.state_dict()
+    for i, b in enumerate(with_k.blocks):  # the model without Kuramoto has no omega rows
+        state[f"blocks.{i}.in_proj.weight"] = b.in_rows("qkv")
+    without.load_state_dict(state, strict=False)
     x = ids()
     assert not torch.allclose(with_k(x).logits, without(x).logits, atol=1e-5)
     with torch.no_grad():  # dt * (omega + K pull) = 0: phases stay, logits equal the model without it
         for b in with_k.blocks:
-            b.kuramoto.omega.weight.zero_()
+            b.in_rows("omega").zero_()
             b.kuramoto.coupling.zero_()
     assert torch.allclose(with_k(x).logits, without(x).logits, atol=1e-6)
 
@@ -113,16 +119,16 @@ def test_external_field_changes_the_phases():
 @pytest.mark.parametrize("coupling, expect_sync", [(4.0, True), (0.0, False)])
 def test_kuramoto_order_parameter_rises_only_with_coupling(coupling, expect_sync):
     torch.manual_seed(0)
-    step = KuramotoCoupling(dim=16, num_phases=8, dt=0.2, coupling_init=coupling)
-    hidden = torch.randn(1, 64, 16)
-    with torch.no_grad():
-        step.omega.weight.mul_(0.5 if not expect_sync else 0.0)  # spread natural frequencies without coupling
+    step = KuramotoCoupling(dt=0.2, coupling_init=coupling)
+    # spread natural frequencies without coupling; none with it
+    omega = torch.randn(1, 64, 8) * (0.0 if expect_sync else 0.5)
     theta = torch.rand(1, 64, 8) * 2 * math.pi
     r0 = float(global_order_parameter(theta))
+    counts = torch.arange(1, 65, dtype=torch.float32).view(1, 64, 1, 1)
     with torch.no_grad():
         for _ in range(60):
-            field, _, _ = prefix_mean_field(theta)
-            theta = step(theta, hidden, field)
+            z, _ = prefix_mean_field(phasors(theta), counts)
+            theta = step(theta, omega, z)
     r = float(global_order_parameter(theta))
     if expect_sync:
         assert r > 0.9 > r0 + 0.3
@@ -132,14 +138,16 @@ def test_kuramoto_order_parameter_rises_only_with_coupling(coupling, expect_sync
 
 def test_prefix_field_is_causal_and_incremental():
     theta = torch.rand(2, 10, 4) * 6
-    full, _, _ = prefix_mean_field(theta)
-    head, s, n = prefix_mean_field(theta[:, :6])
-    tail, _, _ = prefix_mean_field(theta[:, 6:], past_sum=s, past_count=n)
-    assert torch.allclose(torch.cat([head.re, tail.re], 1), full.re, atol=1e-6)
-    assert torch.allclose(torch.cat([head.im, tail.im], 1), full.im, atol=1e-6)
+    n = torch.arange(1, 11, dtype=torch.float32).view(1, 10, 1, 1)
+    full, _ = prefix_mean_field(phasors(theta), n)
+    head, running = prefix_mean_field(phasors(theta[:, :6]), n[:, :6])
+    tail, _ = prefix_mean_field(phasors(theta[:, 6:]), n[:, 6:], past_sum=running)
+    assert torch.allclose(torch.cat([head, tail], 1), full, atol=1e-6)
+    explicit = torch.stack([phasors(theta[:, : i + 1]).mean(1) for i in range(10)], 1)
+    assert torch.allclose(full, explicit, atol=1e-6)
     theta2 = theta.clone()
     theta2[:, 7:] += 1.0  # the future does not move the past
-    assert torch.allclose(prefix_mean_field(theta2)[0].re[:, :7], full.re[:, :7])
+    assert torch.allclose(prefix_mean_field(phasors(theta2), n)[0][:, :7], full[:, :7])
 
 
 def test_fused_resonance_equals_explicit_softmax():
@@ -149,14 +157,14 @@ def test_fused_resonance_equals_explicit_softmax():
     with torch.no_grad():
         attn.resonance.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0]))
     B, T = 2, 12
-    x = torch.randn(B, T, 64)
     theta = torch.rand(B, T, 4) * 2 * math.pi
-    rope = rope_tables(torch.arange(T).expand(B, T), attn.sem_dim, 10000.0)
-    fused = attn(x, theta, rope, None)
-    scores = attn.explicit_scores(x, theta, rope)  # s*QK^T + lambda*R, (B, H, T, T)
+    rope = rope_tables(torch.arange(T).expand(B, T), rope_inv_freq(attn.sem_dim, 10000.0))
+    qkv = torch.randn(B, T, attn.qkv_width)
+    fused = attn(qkv, phasors(theta), rope, None)
+    scores = attn.explicit_scores(qkv, theta, rope)  # s*QK^T + lambda*R, (B, H, T, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-    v = attn.v_proj(x).view(B, T, 4, -1).transpose(1, 2)
+    v = attn.split_heads(qkv)[2]
     explicit = attn.out_proj((probs @ v).transpose(1, 2).reshape(B, T, -1))
     assert torch.allclose(fused, explicit, atol=1e-5)
     # and R really is mean_k cos(theta_ik - theta_jk)
@@ -170,7 +178,7 @@ def test_gradients_reach_every_resonant_parameter():
     loss = model(x[:, :-1], x[:, 1:]).loss
     loss.backward()
     names = ["embed.phase_table", "embed.blend_logit", "blocks.0.attn.resonance", "blocks.0.kuramoto.coupling",
-             "blocks.0.kuramoto.omega.weight", "blocks.1.gate.order_weight", "blocks.1.gate.proj.weight"]
+             "blocks.0.in_proj.weight", "blocks.1.gate.order_weight"]
     params = dict(model.named_parameters())
     for n in names:
         g = params[n].grad

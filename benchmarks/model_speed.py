@@ -1,0 +1,114 @@
+"""Training and decoding speed of the full Reso-LLM network against the vanilla GPT of the same size.
+
+Prints one table: training tokens/s (forward + backward + AdamW step) and cached decode tokens/s
+for the full model and the vanilla setting, at the small preset and at nanoGPT's CPU size, plus
+cached against uncached decoding. Medians over interleaved repeats, measured in one run.
+
+    python benchmarks/model_speed.py            # about 3-4 minutes on 2 CPU cores
+    python benchmarks/model_speed.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from core_model.config import ResoLLMConfig, small_config
+from core_model.tokenizer import DEFAULT_VOCAB_SIZE
+from core_model.model import ResoLLMModel
+
+SIZES: dict[str, tuple[Callable[..., ResoLLMConfig], int, int]] = {
+    # name: (config factory, batch, sequence length)
+    "small (4x256)": (lambda **kw: small_config(max_seq_len=512, **kw), 8, 256),
+    "nanoGPT cpu (4x128)": (
+        lambda **kw: ResoLLMConfig(vocab_size=DEFAULT_VOCAB_SIZE, dim=128, num_layers=4, num_heads=4, num_phases=4,
+                                   max_seq_len=512, **kw), 12, 64),
+}
+
+
+def train_tokens_per_s(model: ResoLLMModel, batch: int, seq: int, steps: int) -> float:
+    opt = torch.optim.AdamW(model.optimizer_param_groups(0.1), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=g)
+    model.train()
+
+    def step() -> None:
+        loss = model(x[:, :-1], x[:, 1:]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch * seq / (time.perf_counter() - t)
+
+
+def decode_tokens_per_s(model: ResoLLMModel, new_tokens: int, use_cache: bool) -> float:
+    model.eval()
+    prompt = list(range(1, 17))
+    model.generate([prompt], max_new_tokens=4, temperature=0.0, use_cache=use_cache)  # warm-up
+    t = time.perf_counter()
+    out = model.generate([prompt], max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache)
+    return len(out[0]) / (time.perf_counter() - t)
+
+
+def median_interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    runs: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            runs[k].append(fn())
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--train-steps", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--quick", action="store_true", help="1 repeat, few steps, 64 new tokens")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.train_steps, args.new_tokens = 1, 2, 64
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} interleaved repeats\n")
+
+    rows = []
+    for name, (factory, batch, seq) in SIZES.items():
+        torch.manual_seed(0)
+        models = {"full": ResoLLMModel(factory()), "vanilla": ResoLLMModel(factory(vanilla=True))}
+        train = median_interleaved(
+            {k: (lambda m=m: train_tokens_per_s(m, batch, seq, args.train_steps)) for k, m in models.items()},
+            args.repeats)
+        decode = median_interleaved(
+            {
+                "full": lambda: decode_tokens_per_s(models["full"], args.new_tokens, True),
+                "vanilla": lambda: decode_tokens_per_s(models["vanilla"], args.new_tokens, True),
+                "full_uncached": lambda: decode_tokens_per_s(models["full"], args.new_tokens, False),
+            },
+            args.repeats)
+        rows.append((name, models["full"].num_parameters(), models["vanilla"].num_parameters(), batch, seq,
+                     train, decode))
+
+    header = (f"{'size':<22}{'params full/vanilla':>22}{'train tok/s full':>18}{'vanilla':>10}{'ratio':>8}"
+              f"{'decode tok/s full':>19}{'vanilla':>10}{'ratio':>8}{'uncached':>10}{'cached/uncached':>17}")
+    print(header)
+    print("-" * len(header))
+    for name, pf, pv, batch, seq, train, decode in rows:
+        print(f"{name:<22}{f'{pf / 1e6:.2f}M/{pv / 1e6:.2f}M':>22}{train['full']:>18.0f}{train['vanilla']:>10.0f}"
+              f"{train['full'] / train['vanilla']:>8.2f}{decode['full']:>19.0f}{decode['vanilla']:>10.0f}"
+              f"{decode['full'] / decode['vanilla']:>8.2f}{decode['full_uncached']:>10.0f}"
+              f"{decode['full'] / decode['full_uncached']:>17.2f}")
+    print(f"\ntraining: batch x sequence per size as in the script; decode: batch 1, 16-token prompt, "
+          f"{args.new_tokens} new tokens, greedy")
+    print("targets: full >= 0.90x vanilla (train and decode); cached >= 5x uncached at 256 new tokens")
+
+
+if __name__ == "__main__":
+    main()
