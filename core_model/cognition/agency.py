@@ -1,0 +1,217 @@
+"""Agency: goals that steer decoding and measure their own progress, and attention foci.
+
+A goal is encoded with the model itself: ``g = mean_t h_t(goal text) - h_ref`` (final hidden
+states, centred by the model's mean hidden state on a neutral calibration text). During a
+generation with running mean hidden state ``m`` (centred the same way) and text ``y``:
+
+    progress = 1/2 * max(0, cos(m, g)) + 1/2 * coverage(y),
+    coverage(y) = share of the goal's content words present in y
+
+and the goal is achieved once ``progress >= achievement_threshold``. Active goals steer
+decoding with a logit bias on goal-word tokens: the next token of a goal word whose prefix the
+output just produced gets ``beta * (1 + k / len)``; at a word boundary the first token of
+each goal word gets ``beta / 2``; ``beta = goal_bias * priority * (1 + stall / 2)`` grows
+while progress stalls (``stall`` = updates without a gain, capped at 4).
+
+Attention foci are the context words with the highest salience
+
+    salience = novelty_w * novelty + relevance_w * relevance + intensity_w * intensity
+
+novelty = mean surprisal of the word's tokens / ln V (clipped to [0, 1]); relevance = the best
+centred cosine of the word's hidden states with an active goal (1 for a goal word);
+intensity = last-layer attention mass of the latest query on the word, over the maximum.
+Foci are typed ``concept`` (a bound PRSC token), ``goal`` (a goal word) or ``token``;
+duration counts the generated tokens since the focus was first held without interruption.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+STOPWORDS = frozenset(
+    "a an and are as at be but by for from has have in into is it its of on or that the this to was were "
+    "will with about what which when where who how than then them they their there these those your you "
+    "very just more most some such only also each both make made provide give".split()
+)
+ACTIVE, ACHIEVED, ABANDONED = "active", "achieved", "abandoned"
+GOAL_TYPES = ("exploratory", "informative", "creative", "task")
+
+
+def content_words(text: str) -> list[str]:
+    """Lower-cased words of at least 4 letters that are not stopwords, in order, unique."""
+    out: list[str] = []
+    for w in re.findall(r"[A-Za-z][A-Za-z'-]{3,}", text.lower()):
+        w = w.strip("'-")
+        if len(w) >= 4 and w not in STOPWORDS and w not in out:
+            out.append(w)
+    return out
+
+
+def word_coverage(words: list[str], text: str) -> float:
+    if not words:
+        return 0.0
+    low = text.lower()
+    return sum(1 for w in words if w in low) / len(words)
+
+
+def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+@dataclass
+class Goal:
+    id: int
+    description: str
+    goal_type: str
+    priority: float
+    vector: list[float]  # centred mean hidden state of the description (D,)
+    words: list[str]  # content words
+    word_tokens: list[list[int]]  # token sequences of the content words (steering)
+    boundary: list[bool]  # whether the sequence may only start at a word boundary
+    status: str = ACTIVE
+    progress: float = 0.0
+    stall: int = 0
+    achieved_at: int | None = None  # global token step
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Goal":
+        return cls(int(d["id"]), str(d["description"]), str(d["goal_type"]), float(d["priority"]),
+                   [float(v) for v in d["vector"]], [str(w) for w in d["words"]],
+                   [[int(t) for t in s] for s in d["word_tokens"]], [bool(b) for b in d["boundary"]],
+                   str(d["status"]), float(d["progress"]), int(d["stall"]),
+                   None if d["achieved_at"] is None else int(d["achieved_at"]))
+
+    def measure(self, mean_hidden: np.ndarray | None, text: str) -> float:
+        """``1/2 max(0, cos(m, g)) + 1/2 coverage`` (see module docstring)."""
+        sim = max(0.0, centred_cosine(mean_hidden, np.asarray(self.vector))) if mean_hidden is not None else 0.0
+        return 0.5 * sim + 0.5 * word_coverage(self.words, text)
+
+    def update(self, mean_hidden: np.ndarray | None, text: str, threshold: float, step: int) -> bool:
+        """Refresh progress and stall; returns True when the goal becomes achieved now."""
+        p = self.measure(mean_hidden, text)
+        self.stall = 0 if p > self.progress + 0.01 else min(self.stall + 1, 4)
+        self.progress = p
+        if self.status == ACTIVE and p >= threshold:
+            self.status, self.achieved_at = ACHIEVED, step
+            return True
+        return False
+
+
+@dataclass
+class AttentionFocus:
+    type: str  # "token" | "goal" | "concept"
+    target: str
+    intensity: float
+    novelty: float
+    relevance: float
+    salience: float
+    duration: int  # generated tokens since first held without interruption
+    position: int  # index of the word's last token in the context
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AgencyState:
+    goals: list[Goal] = field(default_factory=list)
+    foci: list[AttentionFocus] = field(default_factory=list)
+    held_since: dict[str, int] = field(default_factory=dict)  # focus key -> global step first held
+    next_goal_id: int = 1
+
+    def active_goals(self) -> list[Goal]:
+        return [g for g in self.goals if g.status == ACTIVE]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"goals": [g.to_dict() for g in self.goals], "foci": [f.to_dict() for f in self.foci],
+                "held_since": dict(self.held_since), "next_goal_id": self.next_goal_id}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AgencyState":
+        return cls([Goal.from_dict(g) for g in d["goals"]],
+                   [AttentionFocus(**{k: v for k, v in f.items()}) for f in d["foci"]],
+                   {str(k): int(v) for k, v in d["held_since"].items()}, int(d["next_goal_id"]))
+
+
+def steering_bias(goals: list[Goal], tail: list[int], at_boundary: bool, base: float) -> dict[int, float]:
+    """Token -> logit bias for the next step (see module docstring)."""
+    bias: dict[int, float] = {}
+    for g in goals:
+        beta = base * g.priority * (1 + g.stall / 2)
+        for seq, needs_boundary in zip(g.word_tokens, g.boundary):
+            # longest proper prefix of seq that the output just produced
+            k = 0
+            for j in range(min(len(seq) - 1, len(tail)), 0, -1):
+                if tail[-j:] == seq[:j]:
+                    k = j
+                    break
+            if k > 0:
+                b = beta * (1 + k / len(seq))
+            elif at_boundary or not needs_boundary:
+                b = beta / 2
+            else:
+                continue
+            tok = seq[k]
+            bias[tok] = max(bias.get(tok, 0.0), b)
+    return bias
+
+
+def group_words(pieces: list[str]) -> list[list[int]]:
+    """Indices of tokens grouped into words: a word starts after whitespace or punctuation."""
+    words: list[list[int]] = []
+    current: list[int] = []
+    for i, piece in enumerate(pieces):
+        starts = not piece or piece[0].isspace() or not piece[0].isalnum()
+        if starts and current:
+            words.append(current)
+            current = []
+        if piece.strip() and (piece.strip()[0].isalnum() or current):
+            current.append(i)
+        elif piece.strip():
+            words.append([i])  # punctuation on its own
+    if current:
+        words.append(current)
+    return words
+
+
+def compute_foci(pieces: list[str], token_ids: list[int], surprisal: np.ndarray, intensity: np.ndarray,
+                 hidden: np.ndarray | None, goals: list[Goal], concept_names: dict[int, list[str]],
+                 weights: tuple[float, float, float], max_foci: int, log_v: float) -> list[dict[str, Any]]:
+    """Score the context's words; returns the top ``max_foci`` as dicts without duration."""
+    goal_words = {w for g in goals for w in g.words}
+    goal_vecs = [np.asarray(g.vector) for g in goals]
+    peak = float(intensity.max()) if intensity.size else 0.0
+    scored = []
+    for idx in group_words(pieces):
+        text = "".join(pieces[i] for i in idx).strip()
+        if not text or not any(ch.isalnum() for ch in text):
+            continue
+        concepts = sorted({n for i in idx for n in concept_names.get(token_ids[i], [])})
+        novelty = float(np.clip(np.mean(surprisal[idx]) / log_v, 0.0, 1.0))
+        inten = float(intensity[idx].sum() / peak) if peak > 0 else 0.0
+        rel = 0.0
+        if hidden is not None and goal_vecs:
+            h = hidden[idx].mean(0)
+            rel = max(0.0, max(centred_cosine(h, g) for g in goal_vecs))
+        if text.lower() in goal_words:
+            rel = 1.0
+        kind, target = ("concept", "+".join(concepts)) if concepts else (("goal" if text.lower() in goal_words else "token"), text)
+        sal = weights[0] * novelty + weights[1] * rel + weights[2] * min(inten, 1.0)
+        scored.append(dict(type=kind, target=target, intensity=min(inten, 1.0), novelty=novelty, relevance=rel,
+                           salience=sal, position=idx[-1]))
+    best: dict[str, dict[str, Any]] = {}
+    for f in scored:  # one focus per target: keep its most salient occurrence
+        key = f"{f['type']}:{f['target']}"
+        if key not in best or f["salience"] > best[key]["salience"]:
+            best[key] = f
+    return sorted(best.values(), key=lambda f: -f["salience"])[:max_foci]

@@ -1,0 +1,246 @@
+"""The model-level cognition API of the seed document, as a mixin of ``ResoLLMModel``.
+
+The methods delegate to one :class:`CognitiveSession` held as a plain attribute
+(``model.session``: created lazily, not an ``nn.Module``, not in ``state_dict``). Text is
+encoded with the model itself: final hidden states averaged over the text and centred by the
+mean hidden state on a neutral calibration text (``encode_text``). Memory states are that
+vector projected to the 16 sedenion axes by ``memory_proj`` read backwards (its transpose), so
+the same matrix writes memory into the network (``memory_offset``) and reads text into memory.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .agency import ACTIVE, AttentionFocus, Goal, content_words
+from .errors import CognitionError
+from .memory import Moment, Recollection
+from .prsc import ConceptBinding
+from .session import CognitiveSession
+
+if TYPE_CHECKING:
+    from ..tokenizer import ResoTokenizer
+
+CALIBRATION_TEXT = (
+    "The morning was quiet. People walked to work, talked about the weather and read the news. "
+    "Some of them thought about numbers, some about music, and others about their plans for the day."
+)
+
+
+# --- text encoding with the model ---------------------------------------------------------
+@torch.no_grad()
+def hidden_states(model, ids: list[int]) -> torch.Tensor:
+    """Final hidden states (T, D) of ``ids`` (the last ``max_seq_len`` of them), eval mode."""
+    if not ids:
+        raise CognitionError("cannot encode an empty text")
+    ids = ids[-model.config.max_seq_len:]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        out = model(torch.tensor([ids], device=device))
+    finally:
+        model.train(was_training)
+    return out.hidden[0].float()
+
+
+def reference_hidden(model) -> np.ndarray:
+    """Mean hidden state on the calibration text, cached until the weights change in place."""
+    session = model.session
+    w = model.head.weight
+    key = (id(w), w._version)
+    cached = session.derived("reference_hidden")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ref = hidden_states(model, session_tokenizer(model).encode(CALIBRATION_TEXT)).mean(0).cpu().numpy()
+    session.set_derived("reference_hidden", (key, ref))
+    return ref
+
+
+def encode_text(model, text: str) -> np.ndarray:
+    """Centred mean hidden state of ``text``: ``mean_t h_t - h_ref`` (D,)."""
+    ids = session_tokenizer(model).encode(text)
+    return hidden_states(model, ids).mean(0).cpu().numpy() - reference_hidden(model)
+
+
+def session_tokenizer(model) -> "ResoTokenizer":
+    tok = model.session.tokenizer
+    if tok is None:
+        from ..tokenizer import DEFAULT_VOCAB_SIZE, create_default_tokenizer
+
+        if model.config.vocab_size != DEFAULT_VOCAB_SIZE:
+            raise CognitionError("no tokenizer attached to the session: create ResoLLMInference(model, tokenizer) "
+                                 "or call model.attach_tokenizer(tokenizer) first")
+        tok = model.session.tokenizer = create_default_tokenizer()
+    return tok
+
+
+def memory_state(model, text: str) -> np.ndarray:
+    """The text on the 16 sedenion axes: ``memory_proj.weight^T (mean h - h_ref)``."""
+    proj = getattr(model, "memory_proj", None)
+    if proj is None:
+        raise CognitionError("temporal sedenion memory is disabled (config.temporal_smf.enabled=False)")
+    v = torch.as_tensor(encode_text(model, text), dtype=proj.weight.dtype, device=proj.weight.device)
+    return (proj.weight.detach().T @ v).double().cpu().numpy()
+
+
+# --- offsets into the network ---------------------------------------------------------------
+def concept_table(model) -> torch.Tensor | None:
+    """(V, D) input offsets of bound tokens (zero rows elsewhere), or None without bindings."""
+    session = model.session
+    proj = getattr(model, "concept_proj", None)
+    if proj is None or not session.config.prsc.enabled or len(session.concepts) == 0:
+        return None
+    key = (session.concepts.version, id(proj.weight), proj.weight._version)
+    cached = session.derived("concept_table")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    phases = session.concepts.token_phases()
+    tokens = sorted(phases)
+    th = torch.tensor(np.stack([phases[t] for t in tokens]), dtype=proj.weight.dtype, device=proj.weight.device)
+    with torch.no_grad():
+        rows = proj(torch.cat([th.cos(), th.sin()], dim=-1))  # (n, D)
+        table = torch.zeros(model.config.vocab_size, model.config.dim, dtype=rows.dtype, device=rows.device)
+        table[torch.tensor(tokens, device=rows.device)] = rows
+    session.set_derived("concept_table", (key, table))
+    return table
+
+
+def memory_offset(model) -> torch.Tensor | None:
+    """``strength * memory_proj(S)`` (D,) from the consolidated memory state, or None."""
+    session = model.session
+    proj = getattr(model, "memory_proj", None)
+    cfg = session.config.temporal_smf
+    if proj is None or not cfg.enabled or len(session.memory) == 0 or cfg.conditioning_strength == 0:
+        return None
+    s = torch.as_tensor(session.memory.consolidated(), dtype=proj.weight.dtype, device=proj.weight.device)
+    with torch.no_grad():
+        return cfg.conditioning_strength * proj(s)
+
+
+# --- the mixin --------------------------------------------------------------------------------
+class CognitionMixin:
+    """Goals, attention foci, concepts, stability and memory on the model (see module docstring)."""
+
+    @property
+    def session(self) -> CognitiveSession:
+        s = self.__dict__.get("_cognitive_session")
+        if s is None:
+            s = CognitiveSession(self.config)
+            self.__dict__["_cognitive_session"] = s
+        return s
+
+    @session.setter
+    def session(self, value: CognitiveSession) -> None:
+        if not isinstance(value, CognitiveSession):
+            raise TypeError(f"expected a CognitiveSession, got {type(value).__name__}")
+        self.__dict__["_cognitive_session"] = value
+
+    def attach_tokenizer(self, tokenizer: "ResoTokenizer") -> None:
+        if tokenizer.vocab_size != self.config.vocab_size:
+            raise CognitionError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {self.config.vocab_size}")
+        self.session.tokenizer = tokenizer
+
+    def reset_cognition(self) -> None:
+        """Clear goals, foci, concepts, memory and trackers (the weights are untouched)."""
+        self.session.reset()
+
+    def cognition_state(self) -> dict[str, Any]:
+        return self.session.to_dict()
+
+    def load_cognition_state(self, data: dict[str, Any]) -> None:
+        tok = self.session.tokenizer
+        self.session = CognitiveSession.from_dict(data, self.config)
+        self.session.tokenizer = tok
+
+    # --- agency -------------------------------------------------------------------------
+    def create_goal(self, description: str, goal_type: str = "exploratory", priority: float = 1.0) -> Goal:
+        """A goal encoded with the model; it steers the next generations until achieved."""
+        session = self.session
+        cfg = session.config.agency
+        if not cfg.enabled:
+            raise CognitionError("the agency layer is disabled (config.agency.enabled=False)")
+        if not description.strip():
+            raise CognitionError("a goal needs a description")
+        if not 0 < priority <= 1:
+            raise CognitionError(f"priority must lie in (0, 1], got {priority}")
+        if len(session.agency.active_goals()) >= cfg.max_goals:
+            raise CognitionError(f"{cfg.max_goals} goals are already active (agency.max_goals)")
+        tok = session_tokenizer(self)
+        words = content_words(description)
+        seqs: list[list[int]] = []
+        boundary: list[bool] = []
+        for w in words:
+            for variant in (w, " " + w):
+                ids = tok.encode(variant)
+                needs_boundary = variant == w
+                if ids and not tok.decode(ids[:1]).strip():  # a lone space token: drop it
+                    ids, needs_boundary = ids[1:], True
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+                    boundary.append(needs_boundary)
+        goal = Goal(session.agency.next_goal_id, description, goal_type, float(priority),
+                    encode_text(self, description).astype(float).tolist(), words, seqs, boundary)
+        session.agency.next_goal_id += 1
+        session.agency.goals.append(goal)
+        return goal
+
+    def get_active_goals(self) -> list[Goal]:
+        return self.session.agency.active_goals()
+
+    def get_goals(self) -> list[Goal]:
+        return list(self.session.agency.goals)
+
+    def goal_progress(self, goal: Goal, text: str) -> float:
+        """What ``goal``'s progress would be for ``text`` (encoded with the model)."""
+        return goal.measure(encode_text(self, text), text)
+
+    def get_attention_foci(self) -> list[AttentionFocus]:
+        """The foci of the latest generation (most salient first)."""
+        return list(self.session.agency.foci)
+
+    # --- PRSC -----------------------------------------------------------------------------
+    def bind_concept(self, name: str, token_id: int | None = None, token_ids: list[int] | None = None) -> ConceptBinding:
+        """Bind ``name`` to one token, several tokens, or (neither given) the tokens of ``name``."""
+        session = self.session
+        if not session.config.prsc.enabled:
+            raise CognitionError("PRSC is disabled (config.prsc.enabled=False)")
+        ids = list(token_ids or []) + ([token_id] if token_id is not None else [])
+        if not ids:
+            ids = session_tokenizer(self).encode(name)
+        return session.concepts.bind(name, [int(t) for t in ids])
+
+    def compose_concepts(self, *names: str) -> ConceptBinding:
+        return self.session.concepts.compose(*names)
+
+    def concept_coherence(self, *names: str) -> float:
+        return self.session.concepts.coherence(*names)
+
+    # --- stability ------------------------------------------------------------------------
+    def get_stability(self) -> float:
+        """Stability of the latest generation in [0, 1] (1 before any generation)."""
+        return self.session.stability_score()
+
+    def get_suggested_temperature(self, current_temp: float) -> float:
+        return self.session.suggested_temperature(current_temp)
+
+    # --- memory ---------------------------------------------------------------------------
+    def update_memory(self, text: str, importance: float = 1.0) -> Moment:
+        """Encode ``text`` on the 16 axes and store it at the current clock, episode and turn."""
+        session = self.session
+        if not session.config.temporal_smf.enabled:
+            raise CognitionError("temporal sedenion memory is disabled (config.temporal_smf.enabled=False)")
+        return session.memory.store(memory_state(self, text), text, importance, session.episode, session.turn)
+
+    def recall_memory(self, query: str, k: int = 5) -> list[Recollection]:
+        return self.session.memory.recall(memory_state(self, query), k)
+
+    def when_did_i_learn(self, query: str, k: int = 3) -> list[Recollection]:
+        """The moments that best match ``query``, with clock time, age, episode and turn."""
+        return self.recall_memory(query, k)
+
+
+__all__ = ["CognitionMixin", "encode_text", "memory_state", "concept_table", "memory_offset", "ACTIVE"]

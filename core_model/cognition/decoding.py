@@ -1,0 +1,330 @@
+"""The cognitive decoding loop: cached decoding with stability, agency, PRSC, memory and SR.
+
+One forward per step, as in ``core_model.generation``: prefill ``model(ids, cache=...)``, then
+``model(next_token, cache=...)``. With the Lyapunov estimate on, the batch has a second row: the
+same tokens from a prompt perturbed by ``eps * rms(E) * xi`` (``xi`` unit-variance noise) in the
+input embedding; the relative distance of the two rows' final hidden states gives the local
+exponents (``stability.py``). When it grows 10x past its start, the twin's cache is pulled back
+towards the main row (Benettin renormalisation: ``c' <- c + s (c' - c)``, ``s = d_0 / d``) and
+``ln s`` is accounted for. While stochastic-resonance noise is on, the rows get different noise,
+so exponents are not measured then and the reference distance is re-synchronised afterwards.
+
+Attention intensity for the foci is the last layer's attention of the latest query over the
+cached keys (captured with a forward pre-hook on that attention module; computed only at the
+agency update steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..attention import apply_rope
+from ..generation import SamplingParams, sample_next
+from .agency import compute_foci, steering_bias
+from .api import concept_table, memory_offset, reference_hidden
+from .resonance import StochasticResonance
+from .stability import DIVERGENT, CHAOTIC, PredictiveStability, TemperatureController
+
+
+@dataclass
+class DecodeTrace:
+    tokens: list[int] = field(default_factory=list)
+    entropy: list[float] = field(default_factory=list)
+    lyapunov: list[float] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    coherence: list[float] = field(default_factory=list)
+    repetition: list[float] = field(default_factory=list)
+    goals_achieved: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    noise_steps: int = 0
+    halted: bool = False
+    elapsed_ms: float = 0.0
+
+
+class _AttentionProbe:
+    """Keeps the inputs of the last attention module's latest call (references only)."""
+
+    def __init__(self, attn) -> None:
+        self.attn = attn
+        self.args: tuple | None = None
+        self.handle = attn.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        self.args = args
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    @torch.no_grad()
+    def last_query_mass(self, cache_layer, length: int, key_valid: torch.Tensor | None) -> np.ndarray:
+        """softmax(q_last . k / sqrt(d)) over the cached keys, averaged over heads: (length,)."""
+        attn, (inp, phase, rope) = self.attn, self.args[:3]
+        inp = inp[:1, -1:]
+        if hasattr(attn, "split_heads"):  # fused projection: the module receives qkv
+            q = attn.split_heads(inp)[0]
+        else:
+            q = attn.q_proj(inp).view(1, 1, attn.num_heads, attn.sem_dim).transpose(1, 2)
+        if rope is not None:
+            q = apply_rope(q, rope[0][:1, :, -1:], rope[1][:1, :, -1:])
+        if attn.resonant:
+            feats = _phase_features(phase[:1, -1:])  # (1, 1, 2F) in the layout the keys use
+            q = torch.cat([q, (attn.phase_weight() * feats.unsqueeze(1).to(q.dtype)).expand(1, attn.num_heads, 1, -1)], -1)
+        k = cache_layer.k[:1, :, :length]
+        scores = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # (1, H, L)
+        if key_valid is not None:
+            scores = scores.masked_fill(~key_valid[:1, None, :length], float("-inf"))
+        return scores.float().softmax(-1).mean(1)[0].cpu().numpy()
+
+
+def _phase_features(phase: torch.Tensor) -> torch.Tensor:
+    """The attention's phase features from whichever form the block passes: angles (B, T, F),
+    complex phasors (B, T, F) or (cos, sin) pairs (B, T, F, 2)."""
+    if phase.is_complex():
+        return torch.view_as_real(phase).flatten(-2)
+    if phase.dim() == 4:
+        return phase.flatten(-2)
+    return torch.cat([phase.cos(), phase.sin()], -1)
+
+
+def _renormalise(cache, scale: float) -> None:
+    """Pull batch row 1 of every cached tensor towards row 0: ``c1 <- c0 + scale (c1 - c0)``."""
+    L = cache.length
+    for layer in cache.layers:
+        for f in dataclasses.fields(layer):
+            t = getattr(layer, f.name)
+            items = t if isinstance(t, tuple) else (t,)
+            for x in items:
+                if not isinstance(x, torch.Tensor) or not (x.is_floating_point() or x.is_complex()) or x.shape[0] < 2:
+                    continue
+                if x.dim() == 4:  # (B, H, T_max, d): only the filled part
+                    x[1, :, :L] = x[0, :, :L] + scale * (x[1, :, :L] - x[0, :, :L])
+                else:
+                    x[1] = x[0] + scale * (x[1] - x[0])
+
+
+class CognitiveDecoder:
+    """Runs one generation against ``model.session`` (see module docstring)."""
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model = model
+        self.tok = tokenizer
+        self.session = model.session
+
+    @torch.no_grad()
+    def run(self, prompt_ids: list[int], max_new: int, params: SamplingParams, seed: int,
+            stop_ids: frozenset[int], halt_on_instability: bool | None = None) -> DecodeTrace:
+        model, session = self.model, self.session
+        cfg = session.config
+        V = model.config.vocab_size
+        device = next(model.parameters()).device
+        trace = DecodeTrace()
+        started = time.perf_counter()
+        limit = model.config.max_seq_len
+        if len(prompt_ids) + max_new > limit:
+            keep = max(1, limit - max_new)
+            if keep < len(prompt_ids):
+                trace.warnings.append(f"step 0: prompt truncated to its last {keep} tokens (max_seq_len {limit})")
+                prompt_ids = prompt_ids[-keep:]
+            max_new = min(max_new, limit - len(prompt_ids))
+        stab_on = cfg.stability.enabled
+        lyap_on = stab_on and cfg.stability.lyapunov
+        agency_on = cfg.agency.enabled
+        halt = cfg.stability.halt_on_instability if halt_on_instability is None else halt_on_instability
+        goals = [g for g in session.agency.active_goals()] if agency_on else []
+        B = 2 if lyap_on else 1
+
+        table = concept_table(model)
+        mem = memory_offset(model)
+        T0 = len(prompt_ids)
+        ids = torch.tensor([prompt_ids] * B, device=device)
+        offsets = self._offsets(ids, table, mem)
+        if lyap_on:
+            gen = torch.Generator(device="cpu").manual_seed(seed + 7919)
+            xi = torch.randn(T0, model.config.dim, generator=gen).to(device=device, dtype=next(model.parameters()).dtype)
+            scale = cfg.stability.perturbation * float(model.embed.semantic.weight.detach().pow(2).mean().sqrt())
+            base = offsets if offsets is not None else torch.zeros(B, T0, model.config.dim, device=device, dtype=xi.dtype)
+            offsets = base.clone()
+            offsets[1] += scale * xi
+        probe = _AttentionProbe(model.blocks[-1].attn) if agency_on else None
+        sr = StochasticResonance(cfg.stochastic_resonance, model.blocks, seed + 1)
+        was_training = model.training
+        model.eval()
+        try:
+            cache = model.new_cache(B, T0 + max_new)
+            out = model(ids, cache=cache, input_offsets=offsets, last_only=not agency_on)
+            tracker = PredictiveStability(cfg.stability, V)
+            tracker.start(self._log_distance(out.hidden) if lyap_on else None)
+            log_d0 = tracker._log_d
+            controller = TemperatureController(cfg.stability, params.temperature)
+            if agency_on:
+                logp = out.logits[0].float().log_softmax(-1)  # (T0, V)
+                surprisal = [math.log(V)] + (-logp[:-1].gather(1, ids[0, 1:, None])[:, 0]).tolist()
+                hidden_rows = [out.hidden[0].float()]
+                pieces = [self.tok.decode([t]) for t in prompt_ids]
+                ref = reference_hidden(model) if goals else None
+                gen_sum = torch.zeros(model.config.dim, device=device)
+                fed = 0  # generated tokens fed back (their hidden states are in gen_sum)
+                self._update_foci(probe, cache, prompt_ids, pieces, surprisal, hidden_rows, goals, 0)
+            generator = torch.Generator(device=device).manual_seed(seed)
+            history = torch.tensor([prompt_ids], device=device) if params.repetition_penalty != 1.0 else None
+            boundary_ids = self._boundary_ids() if goals else None
+            noise_since_measure = False
+            context = list(prompt_ids)
+            for step in range(max_new):
+                raw = out.logits[0, -1].float()
+                logits = raw
+                if goals:
+                    at_boundary = context[-1] in boundary_ids
+                    bias = steering_bias(goals, context[-8:], at_boundary, cfg.agency.goal_bias)
+                    if bias:
+                        logits = raw.clone()
+                        idx = torch.tensor(list(bias), device=device)
+                        logits[idx] += torch.tensor(list(bias.values()), device=device)
+                temp = controller.temperature if stab_on else params.temperature
+                lp = (logits / temp if temp > 0 else logits).log_softmax(-1)
+                stats = [-(lp.exp() * lp).sum()]
+                nxt = int(sample_next(logits[None], params, generator, history, temperature=temp)[0])
+                if agency_on:
+                    stats.append(-raw.log_softmax(-1)[nxt])
+                coh = out.coherence
+                if coh is not None:
+                    stats.append(coh[0, -1])
+                vals = torch.stack([s.float() for s in stats]).tolist()
+                entropy = vals[0]
+                trace.tokens.append(nxt)
+                context.append(nxt)
+                trace.entropy.append(entropy)
+                trace.temperature.append(temp)
+                if coh is not None:
+                    trace.coherence.append(vals[-1])
+                if stab_on:
+                    state = tracker.observe(step, entropy, trace.tokens, finite=math.isfinite(entropy))
+                    trace.lyapunov.append(state.lyapunov)
+                    controller.update(state.entropy_norm if state.entropy_norm is not None else 1.0,
+                                      tracker.unstable, state.label == "periodic")
+                session.repetition.push(nxt)
+                rep = session.repetition.score()
+                trace.repetition.append(rep)
+                noise = sr.update(rep)
+                trace.noise_steps += int(noise)
+                noise_since_measure |= noise
+                if history is not None:
+                    history = torch.cat([history, torch.tensor([[nxt]], device=device)], dim=1)
+                if agency_on:
+                    surprisal.append(vals[1])
+                    pieces.append(self.tok.decode([nxt]))
+                last = step == max_new - 1 or nxt in stop_ids
+                if stab_on and halt and step + 1 >= cfg.stability.min_tokens_before_halt \
+                        and tracker.state.label in (CHAOTIC, DIVERGENT):
+                    trace.halted = True
+                    tracker.warnings.append(f"step {step}: halted on {tracker.state.label} dynamics")
+                    last = True
+                if last:
+                    break
+                inp = torch.tensor([[nxt]] * B, device=device)
+                out = model(inp, cache=cache, input_offsets=self._offsets(inp, table, mem))
+                if lyap_on:
+                    log_d = self._log_distance(out.hidden)
+                    if noise_since_measure:
+                        tracker.resync(log_d)
+                        noise_since_measure = noise
+                    else:
+                        rescale = 0.0
+                        if log_d is not None and log_d0 is not None and log_d - log_d0 > math.log(10.0):
+                            s = math.exp(log_d0 - log_d)
+                            _renormalise(cache, s)
+                            rescale = math.log(s)
+                        tracker.observe_distance(log_d, rescale)
+                if agency_on:
+                    h = out.hidden[0, -1].float()
+                    hidden_rows.append(h[None])
+                    fed += 1
+                    if goals:
+                        gen_sum += h
+                    if (step + 1) % cfg.agency.update_every == 0:
+                        if goals:
+                            goals = self._update_goals(goals, gen_sum, fed, ref, trace)
+                        self._update_foci(probe, cache, context, pieces, surprisal, hidden_rows, goals, step + 1)
+            if agency_on:
+                n = len(trace.tokens)
+                if goals:
+                    self._update_goals(goals, gen_sum, fed, ref, trace)
+                self._update_foci(probe, cache, context[:-1], pieces[:-1], surprisal[:-1], hidden_rows, goals, n)
+            if stab_on:
+                session.stability = tracker.state
+            trace.warnings.extend(tracker.warnings)
+            if cache.last_phases is not None:
+                session.phases = cache.last_phases[0].float().cpu().tolist()
+        finally:
+            sr.off()
+            if probe is not None:
+                probe.remove()
+            model.train(was_training)
+        session.step += len(trace.tokens)
+        trace.elapsed_ms = (time.perf_counter() - started) * 1000
+        return trace
+
+    # --- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _offsets(ids: torch.Tensor, table: torch.Tensor | None, mem: torch.Tensor | None) -> torch.Tensor | None:
+        if table is None and mem is None:
+            return None
+        off = table[ids] if table is not None else None
+        if mem is not None:
+            off = mem.expand(*ids.shape, -1) if off is None else off + mem
+        return off
+
+    @staticmethod
+    def _log_distance(hidden: torch.Tensor) -> float | None:
+        h0, h1 = hidden[0, -1].float(), hidden[1, -1].float()
+        d = float((h1 - h0).norm() / h0.norm().clamp(min=1e-12))
+        if not math.isfinite(d):
+            return float("nan")
+        return math.log(max(d, 1e-12))
+
+    def _boundary_ids(self) -> frozenset[int]:
+        cached = self.session.derived("boundary_ids")
+        if cached is None or cached[0] is not self.tok:
+            ids = frozenset(i for i in range(self.tok.vocab_size)
+                            if (lambda s: not s or not s[-1].isalnum())(self.tok.decode([i], skip_special_tokens=False)))
+            cached = (self.tok, ids)
+            self.session.set_derived("boundary_ids", cached)
+        return cached[1]
+
+    def _update_goals(self, goals, gen_sum, n, ref, trace: DecodeTrace):
+        mean = gen_sum.cpu().numpy() / n - ref if n > 0 else None
+        text = self.tok.decode(trace.tokens)
+        step = self.session.step + len(trace.tokens)
+        for g in goals:
+            if g.update(mean, text, self.session.config.agency.achievement_threshold, step):
+                trace.goals_achieved.append(g.description)
+                trace.warnings.append(f"step {len(trace.tokens) - 1}: goal achieved: {g.description!r} "
+                                      f"(progress {g.progress:.2f})")
+        return [g for g in goals if g.status == "active"]
+
+    def _update_foci(self, probe, cache, context, pieces, surprisal, hidden_rows, goals, step) -> None:
+        from .agency import AttentionFocus
+
+        cfg = self.session.config.agency
+        L = len(context)
+        intensity = probe.last_query_mass(cache.layers[-1], L, cache.key_valid) if probe.args is not None \
+            else np.zeros(L)
+        hidden = torch.cat(hidden_rows)[:L].cpu().numpy()
+        if goals:
+            hidden = hidden - reference_hidden(self.model)
+        concept_names = {t: self.session.concepts.concepts_of_token(t) for t in set(context)
+                         if self.session.concepts.concepts_of_token(t)} if len(self.session.concepts) else {}
+        scored = compute_foci(pieces[:L], context, np.asarray(surprisal[:L]), intensity[:L], hidden, goals,
+                              concept_names, (cfg.novelty_weight, cfg.relevance_weight, cfg.intensity_weight),
+                              cfg.max_foci, math.log(self.model.config.vocab_size))
+        agency = self.session.agency
+        now = self.session.step + step
+        keys = [f"{f['type']}:{f['target']}" for f in scored]
+        agency.held_since = {k: agency.held_since.get(k, now) for k in keys}
+        agency.foci = [AttentionFocus(duration=now - agency.held_since[k], **f) for k, f in zip(keys, scored)]

@@ -1,0 +1,145 @@
+"""PRSC: concepts bound to prime states; composition multiplies primes, i.e. adds phases.
+
+A concept bound to tokens ``i_1..i_m`` is the prime product ``P = p_{i_1} ... p_{i_m}``.
+Its phase vector uses the embedding's log-prime frequencies ``w_k = phi^k`` (k < F):
+
+    theta_k(P) = 2 pi frac(w_k ln P) = sum_j theta_k(p_{i_j})   (mod 2 pi)
+
+so composing concepts (multiplying their primes) adds their phase vectors. The interference
+coherence of concepts ``c_1..c_n`` is the mean over frequencies of their order parameter,
+
+    C = (1/F) sum_k | (1/n) sum_c exp(1j theta_k(c)) |   in [0, 1]   (1 when all phases agree)
+
+A concept feeds the network: every position whose token is bound gets
+``concept_proj([cos theta, sin theta])`` of the composition of all concepts bound to that
+token added to its input embedding (``api.concept_offsets``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import PHI
+from ..primes import first_primes
+from .errors import CognitionError
+
+
+def prime_phases(primes: list[int], num_phases: int) -> np.ndarray:
+    """``2 pi frac(phi^k ln prod(primes))`` computed as a sum of logs (float64), shape (F,)."""
+    log_p = float(sum(math.log(p) for p in primes))
+    freqs = PHI ** np.arange(num_phases, dtype=np.float64)
+    return 2 * math.pi * np.mod(freqs * log_p, 1.0)
+
+
+def interference_coherence(phases: list[np.ndarray]) -> float:
+    """``C = mean_k | mean_c exp(1j theta_{c,k}) |`` in [0, 1]."""
+    if not phases:
+        raise ValueError("interference needs at least one concept")
+    th = np.stack(phases)  # (n, F)
+    z = np.exp(1j * th).mean(0)
+    return float(np.clip(np.abs(z).mean(), 0.0, 1.0))
+
+
+@dataclass
+class ConceptBinding:
+    name: str
+    token_ids: list[int]
+    primes: list[int]
+    phases: list[float]  # (F,)
+    coherence: float = 1.0  # interference coherence of its constituents (1 for a base concept)
+    parts: list[str] = field(default_factory=list)  # names of composed concepts
+
+    @property
+    def prime(self) -> int:
+        """The prime product ``P`` (exact integer)."""
+        return math.prod(self.primes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ConceptBinding":
+        return cls(str(d["name"]), [int(v) for v in d["token_ids"]], [int(v) for v in d["primes"]],
+                   [float(v) for v in d["phases"]], float(d["coherence"]), [str(v) for v in d["parts"]])
+
+
+class ConceptStore:
+    """Named bindings and the token -> concepts index the network's input offsets come from."""
+
+    def __init__(self, vocab_size: int, num_phases: int, max_bindings: int = 1000,
+                 coherence_threshold: float = 0.7) -> None:
+        self.vocab_size = vocab_size
+        self.num_phases = num_phases
+        self.max_bindings = max_bindings
+        self.coherence_threshold = coherence_threshold
+        self.bindings: dict[str, ConceptBinding] = {}
+        self.version = 0  # bumped on every change (the offset table is rebuilt lazily)
+
+    def __len__(self) -> int:
+        return len(self.bindings)
+
+    def bind(self, name: str, token_ids: list[int]) -> ConceptBinding:
+        if not name:
+            raise CognitionError("a concept needs a non-empty name")
+        if not token_ids:
+            raise CognitionError(f"concept {name!r}: give at least one token id")
+        bad = [t for t in token_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise CognitionError(f"concept {name!r}: token ids {bad} outside [0, {self.vocab_size})")
+        if name not in self.bindings and len(self.bindings) >= self.max_bindings:
+            raise CognitionError(f"PRSC holds max_bindings={self.max_bindings} concepts; unbind one first")
+        primes = [int(p) for p in first_primes(self.vocab_size)[np.asarray(token_ids, dtype=np.int64)]]
+        binding = ConceptBinding(name, [int(t) for t in token_ids], primes,
+                                 prime_phases(primes, self.num_phases).tolist())
+        self.bindings[name] = binding
+        self.version += 1
+        return binding
+
+    def unbind(self, name: str) -> None:
+        self._get(name)
+        del self.bindings[name]
+        self.version += 1
+
+    def _get(self, name: str) -> ConceptBinding:
+        if name not in self.bindings:
+            raise CognitionError(f"no concept named {name!r} (bound: {sorted(self.bindings)})")
+        return self.bindings[name]
+
+    def compose(self, *names: str) -> ConceptBinding:
+        """The product concept: primes multiplied, phases added, with its interference coherence."""
+        parts = [self._get(n) for n in names]
+        if len(parts) < 2:
+            raise CognitionError("composition needs at least two concepts")
+        primes = [p for c in parts for p in c.primes]
+        phases = prime_phases(primes, self.num_phases)
+        coherence = interference_coherence([np.asarray(c.phases) for c in parts])
+        return ConceptBinding("+".join(names), [t for c in parts for t in c.token_ids], primes,
+                              phases.tolist(), coherence, list(names))
+
+    def coherence(self, *names: str) -> float:
+        return interference_coherence([np.asarray(self._get(n).phases) for n in names])
+
+    def is_coherent(self, *names: str) -> bool:
+        return self.coherence(*names) >= self.coherence_threshold
+
+    def token_phases(self) -> dict[int, np.ndarray]:
+        """For every bound token: the phases of the composition of all concepts bound to it."""
+        per_token: dict[int, list[int]] = {}
+        for c in self.bindings.values():
+            for t in set(c.token_ids):
+                per_token.setdefault(t, []).extend(c.primes)
+        return {t: prime_phases(primes, self.num_phases) for t, primes in per_token.items()}
+
+    def concepts_of_token(self, token_id: int) -> list[str]:
+        return [c.name for c in self.bindings.values() if token_id in c.token_ids]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bindings": [c.to_dict() for c in self.bindings.values()]}
+
+    def load(self, data: dict[str, Any]) -> None:
+        self.bindings = {d["name"]: ConceptBinding.from_dict(d) for d in data["bindings"]}
+        self.version += 1

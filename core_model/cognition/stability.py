@@ -1,0 +1,196 @@
+"""Predictive stability: entropy, a finite-time Lyapunov estimate, cycle detection, control.
+
+Per decoding step ``t`` the engine reports
+
+* ``H_t``: entropy of the sampling distribution (nats), normalised ``h_t = H_t / ln V``;
+* ``d_t``: the relative distance ``|h'_t - h_t| / |h_t|`` between the final hidden states of
+  the trajectory and of a twin started from a perturbed prompt (same tokens, batch row 2).
+
+The local exponent is ``l_t = ln d_t - ln d_{t-1}`` (per step; Benettin renormalisation of the
+twin keeps ``d`` small, the rescaling is accounted for), and the finite-time Lyapunov
+exponent is the mean of ``l`` over the last ``window`` steps, i.e. the slope of ``ln d``.
+
+Classes (first that applies): ``divergent`` (non-finite values, or ``lambda > 10 * threshold``),
+``periodic`` (the last ``window`` tokens repeat with a period ``p <= window / 2``),
+``chaotic`` (``lambda > threshold``), else ``stable``. Instability is predicted when the
+linear trend of ``lambda`` crosses the threshold within ``predictive_horizon`` steps.
+
+Stability score: ``s = sigmoid(-4 (lambda - thr) / thr)``, halved when periodic, 0 when divergent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import StabilityConfig
+
+STABLE, PERIODIC, CHAOTIC, DIVERGENT = "stable", "periodic", "chaotic", "divergent"
+CLASSES = (STABLE, PERIODIC, CHAOTIC, DIVERGENT)
+
+
+def detect_period(tokens: list[int], window: int) -> int | None:
+    """Smallest ``p <= window // 2`` with ``tokens[i] == tokens[i - p]`` over the last ``window`` tokens.
+
+    So the last ``window + p`` tokens hold at least three full cycles of length ``p``.
+    """
+    n = len(tokens)
+    for p in range(1, window // 2 + 1):
+        if n >= window + p and tokens[n - window:] == tokens[n - window - p:n - p]:
+            return p
+    return None
+
+
+class TemperatureController:
+    """Keeps the normalised entropy of the sampling distribution in ``[low, high]``.
+
+        T <- T (1 - step)            if h > high or the dynamics are unstable   (entropy explodes)
+        T <- T (1 + step)            if h < low or the output is periodic       (entropy collapses)
+        T <- T + step (T_0 - T)      otherwise                                  (relax to the request)
+
+    always clipped to ``[min_temperature, max_temperature]``. ``T_0 = 0`` (greedy) is left alone.
+    """
+
+    def __init__(self, config: StabilityConfig, base: float) -> None:
+        self.config = config
+        self.base = base
+        self.temperature = base if base == 0 else self._clip(base)
+
+    def _clip(self, t: float) -> float:
+        return min(self.config.max_temperature, max(self.config.min_temperature, t))
+
+    def suggest(self, temperature: float, entropy_norm: float | None, unstable: bool, collapsed: bool,
+                base: float | None = None) -> float:
+        """The next temperature from the current one and the latest measurements (pure)."""
+        if temperature == 0:
+            return 0.0
+        c = self.config
+        base = self.base if base is None else base
+        if unstable or (entropy_norm is not None and entropy_norm > c.entropy_high):
+            t = temperature * (1 - c.temperature_step)
+        elif collapsed or (entropy_norm is not None and entropy_norm < c.entropy_low):
+            t = temperature * (1 + c.temperature_step)
+        else:
+            t = temperature + c.temperature_step * (self._clip(base) - temperature)
+        return self._clip(t)
+
+    def update(self, entropy_norm: float, unstable: bool, collapsed: bool) -> float:
+        if self.config.auto_temperature_adjust:
+            self.temperature = self.suggest(self.temperature, entropy_norm, unstable, collapsed)
+        return self.temperature
+
+
+@dataclass
+class StabilityState:
+    """What the monitor knows after the latest step (kept in the session, serialisable)."""
+
+    label: str = STABLE
+    lyapunov: float = 0.0
+    entropy_norm: float | None = None
+    period: int | None = None
+    predicted_unstable: bool = False
+    local_exponents: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "lyapunov": self.lyapunov, "entropy_norm": self.entropy_norm,
+                "period": self.period, "predicted_unstable": self.predicted_unstable,
+                "local_exponents": list(self.local_exponents)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StabilityState":
+        return cls(str(d["label"]), float(d["lyapunov"]), None if d["entropy_norm"] is None else float(d["entropy_norm"]),
+                   None if d["period"] is None else int(d["period"]), bool(d["predicted_unstable"]),
+                   [float(v) for v in d["local_exponents"]])
+
+
+class PredictiveStability:
+    """Per-step tracker: feeds on entropy, twin distance and tokens; classifies and warns."""
+
+    def __init__(self, config: StabilityConfig, vocab_size: int, state: StabilityState | None = None) -> None:
+        self.config = config
+        self.log_v = math.log(vocab_size)
+        self.state = state or StabilityState()
+        self.exponents: deque[float] = deque(self.state.local_exponents, maxlen=config.window)
+        self.warnings: list[str] = []
+        self._log_d: float | None = None
+        self._nonfinite = False
+
+    # --- feeding ------------------------------------------------------------------------
+    def start(self, log_distance: float | None) -> None:
+        """New generation: reference distance of the twin at the end of the prompt."""
+        self._log_d = log_distance
+        self.exponents.clear()
+        self.warnings = []
+        self._nonfinite = False
+
+    def observe_distance(self, log_distance: float | None, rescale_log: float = 0.0) -> None:
+        """Twin distance after this step; ``rescale_log`` = ln of a renormalisation applied since."""
+        if log_distance is None or not math.isfinite(log_distance):
+            if log_distance is not None:
+                self._nonfinite = True
+            return
+        if self._log_d is not None:
+            self.exponents.append(log_distance - self._log_d)
+        self._log_d = log_distance + rescale_log
+
+    def resync(self, log_distance: float | None) -> None:
+        """Forget the reference distance (after noise was injected into the trajectory)."""
+        self._log_d = log_distance
+
+    def observe(self, step: int, entropy: float, tokens: list[int], finite: bool = True) -> StabilityState:
+        """Update the state after step ``step`` (0-based) with the sampling entropy and the tokens so far."""
+        c, s = self.config, self.state
+        if not finite or not math.isfinite(entropy):
+            self._nonfinite = True
+        s.entropy_norm = entropy / self.log_v if math.isfinite(entropy) else None
+        s.lyapunov = float(np.mean(self.exponents)) if self.exponents else 0.0
+        s.local_exponents = list(self.exponents)
+        s.period = detect_period(tokens, c.window)
+        previous = s.label
+        if self._nonfinite or s.lyapunov > 10 * c.lyapunov_threshold:
+            s.label = DIVERGENT
+        elif s.period is not None:
+            s.label = PERIODIC
+        elif s.lyapunov > c.lyapunov_threshold:
+            s.label = CHAOTIC
+        else:
+            s.label = STABLE
+        if s.label != previous and s.label != STABLE:
+            detail = f" (period {s.period})" if s.label == PERIODIC else f" (lyapunov {s.lyapunov:.4f})"
+            self.warnings.append(f"step {step}: generation became {s.label}{detail}")
+        predicted = self._forecast() > c.lyapunov_threshold and s.label == STABLE
+        if predicted and not s.predicted_unstable:
+            self.warnings.append(f"step {step}: instability predicted within {c.predictive_horizon} steps "
+                                 f"(lyapunov forecast {self._forecast():.4f} > {c.lyapunov_threshold})")
+        s.predicted_unstable = predicted
+        return s
+
+    def _forecast(self) -> float:
+        """Linear extrapolation of the running exponent ``predictive_horizon`` steps ahead."""
+        ex = np.asarray(self.exponents)
+        if len(ex) < 4:
+            return self.state.lyapunov
+        running = np.cumsum(ex) / np.arange(1, len(ex) + 1)
+        slope = np.polyfit(np.arange(len(running)), running, 1)[0]
+        return float(running[-1] + slope * self.config.predictive_horizon)
+
+    # --- reading ------------------------------------------------------------------------
+    @property
+    def unstable(self) -> bool:
+        return self.state.label in (CHAOTIC, DIVERGENT) or self.state.predicted_unstable
+
+    def score(self) -> float:
+        return stability_score(self.state, self.config.lyapunov_threshold)
+
+
+def stability_score(state: StabilityState, threshold: float) -> float:
+    """``sigmoid(-4 (lambda - thr) / thr)``, halved when periodic, 0 when divergent; in [0, 1]."""
+    if state.label == DIVERGENT:
+        return 0.0
+    z = -4.0 * (state.lyapunov - threshold) / max(threshold, 1e-9)
+    s = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
+    return s * (0.5 if state.label == PERIODIC else 1.0)
