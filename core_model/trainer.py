@@ -142,6 +142,22 @@ class TrainSummary:
     losses: list[tuple[int, float]]  # (step, loss) of every step run by this call
 
 
+class LossOnly(torch.nn.Module):
+    """Wraps the network so its forward returns only the loss.
+
+    DDP with ``find_unused_parameters`` walks the autograd graph from the forward outputs; the full
+    :class:`ModelOutput` also carries the last block's phases, whose parameters (e.g. the final
+    Kuramoto coupling) never reach the loss and would then be waited for forever.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, targets).loss
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -280,7 +296,8 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
             with sync:
                 with self._autocast() if self._autocast else contextlib.nullcontext():
-                    loss = self.net(x, y).loss / len(micro)
+                    out = self.net(x, y)
+                    loss = (out if isinstance(out, torch.Tensor) else out.loss) / len(micro)
                 loss.backward()
             loss_sum += float(loss.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
