@@ -19,6 +19,8 @@ from core_model.train_metrics import read_metrics
 from core_model.trainer import TrainConfig
 from orchestrator.ray_train import FAILURE_MARKER, RayTrainSettings, run_ray_training
 
+from ray_fixtures import ray_local  # noqa: F401  (session-scoped fixture)
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LLAMA2_1K = DATA / "guanaco-llama2-1k"
 GUANACO_TEST = DATA / "openassistant-guanaco" / "openassistant_best_replies_eval.jsonl"
