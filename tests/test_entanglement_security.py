@@ -1,0 +1,159 @@
+"""CURVE + ZAP on the bus: who gets in and who is refused (after pyzmq's test_auth matrix)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import msgpack
+import pytest
+import zmq
+
+from entanglement import (
+    BusConfig,
+    BusEndpoints,
+    BusHub,
+    BusKeys,
+    HubError,
+    BusNode,
+    CurveKeyPair,
+    NodeCredentials,
+    NodeState,
+    SecurityError,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = dict(heartbeat_interval=0.05, hub_timeout=0.4, ttl=1.0, snapshot_timeout=0.3)
+REFUSAL_WINDOW = 0.6  # seconds an intruder gets to try
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+def hub(request: pytest.FixtureRequest) -> Iterator[BusHub]:
+    eps = BusEndpoints.tcp() if request.param == "tcp" else BusEndpoints.ipc()
+    hub = BusHub(BusConfig(endpoints=eps, **FAST)).start()
+    yield hub
+    hub.stop()
+
+
+def assert_refused(hub: BusHub, node: BusNode) -> None:
+    """The node never gets a snapshot, and what it publishes never reaches the hub."""
+    try:
+        node.publish("intrusion", {"value": 1})
+        assert not node.wait_active(REFUSAL_WINDOW)
+        assert node.node_state is not NodeState.ACTIVE
+        assert node.counters.received == 0
+        assert hub.seq == 0 and hub.keys_snapshot() == {}
+        assert node.agent_id not in hub.agents()
+    finally:
+        node.close()
+
+
+def test_security_is_on_by_default() -> None:
+    assert BusConfig().security == "curve"
+
+
+def test_allowed_client_gets_in(hub: BusHub) -> None:
+    node = BusNode("a", hub.config, hub.credentials())
+    try:
+        assert node.wait_active(5)
+        node.publish("x", {"value": 1})
+        assert node.wait_for(lambda n: "x" in n.latest("a"), 5)
+        assert hub.counters.auth_denied == 0
+    finally:
+        node.close()
+
+
+def test_client_without_curve_is_refused(hub: BusHub) -> None:
+    plain = BusConfig(endpoints=hub.config.endpoints, security="none", **FAST)
+    assert_refused(hub, BusNode("intruder", plain))
+
+
+def test_client_with_unknown_key_is_refused_by_zap(hub: BusHub) -> None:
+    assert hub.keys is not None
+    stranger = NodeCredentials(hub.keys.server.public, CurveKeyPair.generate())
+    assert_refused(hub, BusNode("intruder", hub.config, stranger))
+    assert hub.counters.auth_denied >= 1
+
+
+def test_client_with_wrong_server_key_gets_nothing(hub: BusHub) -> None:
+    creds = hub.credentials()
+    assert creds is not None
+    wrong_server = NodeCredentials(CurveKeyPair.generate().public, creds.client)
+    assert_refused(hub, BusNode("confused", hub.config, wrong_server))
+
+
+def test_keys_of_another_run_are_refused(hub: BusHub) -> None:
+    other_run = BusKeys.generate()
+    assert_refused(hub, BusNode("intruder", hub.config, other_run.credentials()))
+
+
+def test_raw_subscriber_without_curve_hears_nothing(hub: BusHub) -> None:
+    legit = BusNode("a", hub.config, hub.credentials())
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.subscribe(b"")
+    sub.connect(hub.config.endpoints.publish)
+    try:
+        assert legit.wait_active(5)
+        deadline = time.monotonic() + REFUSAL_WINDOW
+        while time.monotonic() < deadline:
+            legit.publish("x", {"value": 1})
+            assert sub.poll(20) == 0  # heartbeats and updates flow, but not to it
+    finally:
+        sub.close()
+        ctx.term()
+        legit.close()
+
+
+def test_client_added_at_runtime_is_admitted(hub: BusHub) -> None:
+    creds = hub.add_client("late-agent")
+    node = BusNode("late", hub.config, creds)
+    try:
+        assert node.wait_active(5)
+    finally:
+        node.close()
+
+
+def test_curve_without_credentials_is_a_typed_error() -> None:
+    config = BusConfig(endpoints=BusEndpoints.tcp(host="127.0.0.1", ports=(1, 2, 3)))
+    with pytest.raises(SecurityError, match="security='none'"):
+        BusNode("a", config)
+
+
+def test_security_none_is_an_explicit_opt_out() -> None:
+    hub = BusHub(BusConfig(security="none", **FAST)).start()
+    try:
+        assert hub.keys is None and hub.credentials() is None
+        node = BusNode("a", hub.config)
+        assert node.wait_active(5)
+        node.close()
+    finally:
+        hub.stop()
+
+
+def test_keys_round_trip_through_plain_dicts() -> None:
+    keys = BusKeys.generate(["a", "b"])
+    again = BusKeys.from_dict(msgpack.unpackb(msgpack.packb(keys.to_dict())))
+    assert again == keys
+    creds = keys.credentials("b")
+    assert NodeCredentials.from_dict(creds.to_dict()) == creds
+    assert len(keys.allowed_public_keys()) == 2
+    with pytest.raises(SecurityError):
+        keys.credentials("nobody")
+    with pytest.raises(SecurityError):
+        BusKeys.from_dict({"server": {}})
+    config = BusConfig(security="none")
+    assert BusConfig.from_dict(config.to_dict()) == config
+
+
+def test_two_hubs_cannot_share_one_context() -> None:
+    ctx = zmq.Context()
+    first = BusHub(BusConfig(**FAST), context=ctx).start()
+    try:
+        with pytest.raises(HubError, match="ZAP"):
+            BusHub(BusConfig(**FAST), context=ctx).start()
+    finally:
+        first.stop()
+        ctx.term()
