@@ -108,11 +108,11 @@ def load_text_dataset(source: str | Path, split: str = "train", cache_dir: str |
     Local ``.txt`` files give one example per paragraph (blank-line separated). A hub id is probed
     first: without a network this raises :class:`DatasetUnavailable` within a few seconds.
     """
-    import datasets
-
     source = str(source)
     path = Path(source).expanduser()
     if path.exists():
+        import datasets
+
         builder, files = _local_files(path)
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         try:
@@ -123,6 +123,8 @@ def load_text_dataset(source: str | Path, split: str = "train", cache_dir: str |
         ok, reason = hub_reachable()
         if not ok:
             raise _unavailable(source, reason)
+        import datasets
+
         try:
             ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
         except (ConnectionError, OSError) as exc:

@@ -115,3 +115,58 @@ def test_invalid_config_is_refused():
         TrainConfig(batch_size=0).validate()
     with pytest.raises(TrainError, match="max_steps or epochs"):
         TrainConfig(max_steps=None, epochs=None).validate()
+
+
+# --- the CLI ------------------------------------------------------------------------------
+def _cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+TINY = ["--dim", "64", "--layers", "2", "--heads", "2", "--block-size", "32", "--batch-size", "4", "--warmup", "2",
+        "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1", "--checkpoint-interval", "3"]
+
+
+def test_cli_train_resume_and_eval(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", str(LLAMA2_1K), "--eval-dataset", str(GUANACO_TEST), "--out", str(out), *TINY]
+    first = _cli([*args, "--steps", "3", "--json"])
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 3 and summary["eval_ppl"] > 1
+    refused = _cli([*args, "--steps", "3"])
+    assert refused.exit_code == 2 and "--resume" in refused.output
+    assert (out / "run.json").is_file() and (out / "loss_curve.png").is_file()
+    resumed = _cli([*args, "--steps", "5", "--resume", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("event") == "resume"] == [3]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5]
+
+    evaluated = _cli(["eval", "--checkpoint", str(out / "final"), "--dataset", str(GUANACO_TEST),
+                      "--block-size", "32", "--max-batches", "3", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert report["perplexity"] == pytest.approx(math.exp(report["loss"]), rel=1e-3)
+    assert report["tokens"] == 3 * 8 * 32 and report["tokens_per_s"] > 0  # 3 batches of 8 blocks of 32
+
+
+def test_cli_offline_hub_id_fails_fast_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import time
+
+    started = time.perf_counter()
+    result = _cli(["train", "--out", str(tmp_path / "x")])
+    assert time.perf_counter() - started < 5.0
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--dataset PATH" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_cli_eval_bad_checkpoint_exits_2(tmp_path):
+    result = _cli(["eval", "--checkpoint", str(tmp_path), "--dataset", str(GUANACO_TEST)])
+    assert result.exit_code == 2 and result.output.startswith("error: ")
