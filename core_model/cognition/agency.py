@@ -11,7 +11,8 @@ and the goal is achieved once ``progress >= achievement_threshold``. Active goal
 decoding with a logit bias on goal-word tokens: the next token of a goal word whose prefix the
 output just produced gets ``beta * (1 + k / len)``; at a word boundary the first token of
 each goal word gets ``beta / 2``; ``beta = goal_bias * priority * (1 + stall / 2)`` grows
-while progress stalls (``stall`` = updates without a gain, capped at 4).
+while progress stalls (``stall`` = updates without a gain, capped at 4). Words already present
+in the output are no longer pushed.
 
 Attention foci are the context words with the highest salience
 
@@ -19,8 +20,8 @@ Attention foci are the context words with the highest salience
 
 novelty = mean surprisal of the word's tokens / ln V (clipped to [0, 1]); relevance = the best
 centred cosine of the word's hidden states with an active goal (1 for a goal word);
-intensity = last-layer attention mass of the latest query on the word, over the maximum.
-Foci are typed ``concept`` (a bound PRSC token), ``goal`` (a goal word) or ``token``;
+intensity = last-layer attention mass of the latest query on the word, over the largest word's.
+Foci are typed ``concept`` (a word holding a bound PRSC concept's tokens), ``goal`` (a goal word) or ``token``;
 duration counts the generated tokens since the focus was first held without interruption.
 """
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -75,6 +76,8 @@ class Goal:
     words: list[str]  # content words
     word_tokens: list[list[int]]  # token sequences of the content words (steering)
     boundary: list[bool]  # whether the sequence may only start at a word boundary
+    word_of: list[int] = field(default_factory=list)  # index into ``words`` of each token sequence
+    covered: list[bool] = field(default_factory=list)  # content words already in the output
     status: str = ACTIVE
     progress: float = 0.0
     stall: int = 0
@@ -88,7 +91,7 @@ class Goal:
         return cls(int(d["id"]), str(d["description"]), str(d["goal_type"]), float(d["priority"]),
                    [float(v) for v in d["vector"]], [str(w) for w in d["words"]],
                    [[int(t) for t in s] for s in d["word_tokens"]], [bool(b) for b in d["boundary"]],
-                   str(d["status"]), float(d["progress"]), int(d["stall"]),
+                   [int(i) for i in d["word_of"]], [bool(c) for c in d["covered"]], str(d["status"]), float(d["progress"]), int(d["stall"]),
                    None if d["achieved_at"] is None else int(d["achieved_at"]))
 
     def measure(self, mean_hidden: np.ndarray | None, text: str) -> float:
@@ -98,6 +101,8 @@ class Goal:
 
     def update(self, mean_hidden: np.ndarray | None, text: str, threshold: float, step: int) -> bool:
         """Refresh progress and stall; returns True when the goal becomes achieved now."""
+        low = text.lower()
+        self.covered = [w in low for w in self.words]
         p = self.measure(mean_hidden, text)
         self.stall = 0 if p > self.progress + 0.01 else min(self.stall + 1, 4)
         self.progress = p
@@ -148,7 +153,9 @@ def steering_bias(goals: list[Goal], tail: list[int], at_boundary: bool, base: f
     bias: dict[int, float] = {}
     for g in goals:
         beta = base * g.priority * (1 + g.stall / 2)
-        for seq, needs_boundary in zip(g.word_tokens, g.boundary):
+        for i, (seq, needs_boundary) in enumerate(zip(g.word_tokens, g.boundary)):
+            if g.covered and g.word_of and g.covered[g.word_of[i]]:
+                continue  # steer towards the words still missing
             # longest proper prefix of seq that the output just produced
             k = 0
             for j in range(min(len(seq) - 1, len(tail)), 0, -1):
@@ -185,18 +192,19 @@ def group_words(pieces: list[str]) -> list[list[int]]:
 
 
 def compute_foci(pieces: list[str], token_ids: list[int], surprisal: np.ndarray, intensity: np.ndarray,
-                 hidden: np.ndarray | None, goals: list[Goal], concept_names: dict[int, list[str]],
+                 hidden: np.ndarray | None, goals: list[Goal], concepts_in: Callable[[list[int]], list[str]],
                  weights: tuple[float, float, float], max_foci: int, log_v: float) -> list[dict[str, Any]]:
     """Score the context's words; returns the top ``max_foci`` as dicts without duration."""
     goal_words = {w for g in goals for w in g.words}
     goal_vecs = [np.asarray(g.vector) for g in goals]
-    peak = float(intensity.max()) if intensity.size else 0.0
+    groups = group_words(pieces)
+    peak = max((float(intensity[idx].sum()) for idx in groups), default=0.0)
     scored = []
-    for idx in group_words(pieces):
+    for idx in groups:
         text = "".join(pieces[i] for i in idx).strip()
         if not text or not any(ch.isalnum() for ch in text):
             continue
-        concepts = sorted({n for i in idx for n in concept_names.get(token_ids[i], [])})
+        concepts = concepts_in([token_ids[i] for i in idx])
         novelty = float(np.clip(np.mean(surprisal[idx]) / log_v, 0.0, 1.0))
         inten = float(intensity[idx].sum() / peak) if peak > 0 else 0.0
         rel = 0.0

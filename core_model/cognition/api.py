@@ -88,25 +88,38 @@ def memory_state(model, text: str) -> np.ndarray:
 
 
 # --- offsets into the network ---------------------------------------------------------------
-def concept_table(model) -> torch.Tensor | None:
-    """(V, D) input offsets of bound tokens (zero rows elsewhere), or None without bindings."""
-    session = model.session
-    proj = getattr(model, "concept_proj", None)
-    if proj is None or not session.config.prsc.enabled or len(session.concepts) == 0:
-        return None
-    key = (session.concepts.version, id(proj.weight), proj.weight._version)
-    cached = session.derived("concept_table")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    phases = session.concepts.token_phases()
-    tokens = sorted(phases)
-    th = torch.tensor(np.stack([phases[t] for t in tokens]), dtype=proj.weight.dtype, device=proj.weight.device)
-    with torch.no_grad():
-        rows = proj(torch.cat([th.cos(), th.sin()], dim=-1))  # (n, D)
-        table = torch.zeros(model.config.vocab_size, model.config.dim, dtype=rows.dtype, device=rows.device)
-        table[torch.tensor(tokens, device=rows.device)] = rows
-    session.set_derived("concept_table", (key, table))
-    return table
+class ConceptInput:
+    """Input offsets of PRSC concepts: ``concept_proj([cos theta_c, sin theta_c])`` at the positions
+    where a concept's token sequence ends (``theta_c`` of the composition if several end there)."""
+
+    def __init__(self, model) -> None:
+        self.proj = getattr(model, "concept_proj", None)
+        self.store = model.session.concepts
+        self.enabled = self.proj is not None and model.session.config.prsc.enabled and len(self.store) > 0
+        self._rows: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def row(self, names: list[str]) -> torch.Tensor:
+        key = tuple(sorted(names))
+        if key not in self._rows:
+            th = torch.as_tensor(self.store.phases_of(list(key)), dtype=self.proj.weight.dtype,
+                                 device=self.proj.weight.device)
+            with torch.no_grad():
+                self._rows[key] = self.proj(torch.cat([th.cos(), th.sin()]))
+        return self._rows[key]
+
+    def offsets(self, context: list[int], start: int) -> torch.Tensor | None:
+        """Offsets (T, D) for positions ``start..len(context)-1``, or None when no concept occurs."""
+        if not self.enabled:
+            return None
+        out = None
+        for pos in range(start, len(context)):
+            names = self.store.ending_at(context[: pos + 1])
+            if names:
+                if out is None:
+                    out = torch.zeros(len(context) - start, self.proj.out_features, dtype=self.proj.weight.dtype,
+                                      device=self.proj.weight.device)
+                out[pos - start] = self.row(names)
+        return out
 
 
 def memory_offset(model) -> torch.Tensor | None:
@@ -173,7 +186,8 @@ class CognitionMixin:
         words = content_words(description)
         seqs: list[list[int]] = []
         boundary: list[bool] = []
-        for w in words:
+        word_of: list[int] = []
+        for wi, w in enumerate(words):
             for variant in (w, " " + w):
                 ids = tok.encode(variant)
                 needs_boundary = variant == w
@@ -182,8 +196,10 @@ class CognitionMixin:
                 if ids and ids not in seqs:
                     seqs.append(ids)
                     boundary.append(needs_boundary)
+                    word_of.append(wi)
         goal = Goal(session.agency.next_goal_id, description, goal_type, float(priority),
-                    encode_text(self, description).astype(float).tolist(), words, seqs, boundary)
+                    encode_text(self, description).astype(float).tolist(), words, seqs, boundary, word_of,
+                    [False] * len(words))
         session.agency.next_goal_id += 1
         session.agency.goals.append(goal)
         return goal
@@ -243,4 +259,4 @@ class CognitionMixin:
         return self.recall_memory(query, k)
 
 
-__all__ = ["CognitionMixin", "encode_text", "memory_state", "concept_table", "memory_offset", "ACTIVE"]
+__all__ = ["CognitionMixin", "encode_text", "memory_state", "ConceptInput", "memory_offset", "ACTIVE"]

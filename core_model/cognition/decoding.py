@@ -27,7 +27,7 @@ import torch
 from ..attention import apply_rope
 from ..generation import SamplingParams, sample_next
 from .agency import compute_foci, steering_bias
-from .api import concept_table, memory_offset, reference_hidden
+from .api import ConceptInput, memory_offset, reference_hidden
 from .resonance import StochasticResonance
 from .stability import DIVERGENT, CHAOTIC, PredictiveStability, TemperatureController
 
@@ -137,13 +137,14 @@ class CognitiveDecoder:
         agency_on = cfg.agency.enabled
         halt = cfg.stability.halt_on_instability if halt_on_instability is None else halt_on_instability
         goals = [g for g in session.agency.active_goals()] if agency_on else []
+        run_goals = list(goals)  # the foci's relevance uses every goal this generation started with
         B = 2 if lyap_on else 1
 
-        table = concept_table(model)
+        concepts = ConceptInput(model)
         mem = memory_offset(model)
         T0 = len(prompt_ids)
         ids = torch.tensor([prompt_ids] * B, device=device)
-        offsets = self._offsets(ids, table, mem)
+        offsets = self._offsets(B, concepts.offsets(prompt_ids, 0), mem, T0)
         if lyap_on:
             gen = torch.Generator(device="cpu").manual_seed(seed + 7919)
             xi = torch.randn(T0, model.config.dim, generator=gen).to(device=device, dtype=next(model.parameters()).dtype)
@@ -159,8 +160,8 @@ class CognitiveDecoder:
             cache = model.new_cache(B, T0 + max_new)
             out = model(ids, cache=cache, input_offsets=offsets, last_only=not agency_on)
             tracker = PredictiveStability(cfg.stability, V)
-            tracker.start(self._log_distance(out.hidden) if lyap_on else None)
-            log_d0 = tracker._log_d
+            tracker.start()
+            log_d0 = None  # first twin distance after the prompt (renormalisation target)
             controller = TemperatureController(cfg.stability, params.temperature)
             if agency_on:
                 logp = out.logits[0].float().log_softmax(-1)  # (T0, V)
@@ -170,7 +171,7 @@ class CognitiveDecoder:
                 ref = reference_hidden(model) if goals else None
                 gen_sum = torch.zeros(model.config.dim, device=device)
                 fed = 0  # generated tokens fed back (their hidden states are in gen_sum)
-                self._update_foci(probe, cache, prompt_ids, pieces, surprisal, hidden_rows, goals, 0)
+                self._update_foci(probe, cache, prompt_ids, pieces, surprisal, hidden_rows, run_goals, 0)
             generator = torch.Generator(device=device).manual_seed(seed)
             history = torch.tensor([prompt_ids], device=device) if params.repetition_penalty != 1.0 else None
             boundary_ids = self._boundary_ids() if goals else None
@@ -181,7 +182,7 @@ class CognitiveDecoder:
                 logits = raw
                 if goals:
                     at_boundary = context[-1] in boundary_ids
-                    bias = steering_bias(goals, context[-8:], at_boundary, cfg.agency.goal_bias)
+                    bias = steering_bias(goals, context[-32:], at_boundary, cfg.agency.goal_bias)
                     if bias:
                         logits = raw.clone()
                         idx = torch.tensor(list(bias), device=device)
@@ -228,7 +229,8 @@ class CognitiveDecoder:
                 if last:
                     break
                 inp = torch.tensor([[nxt]] * B, device=device)
-                out = model(inp, cache=cache, input_offsets=self._offsets(inp, table, mem))
+                out = model(inp, cache=cache, input_offsets=self._offsets(B, concepts.offsets(context, len(context) - 1),
+                                                                          mem, 1))
                 if lyap_on:
                     log_d = self._log_distance(out.hidden)
                     if noise_since_measure:
@@ -236,7 +238,9 @@ class CognitiveDecoder:
                         noise_since_measure = noise
                     else:
                         rescale = 0.0
-                        if log_d is not None and log_d0 is not None and log_d - log_d0 > math.log(10.0):
+                        if log_d0 is None and log_d is not None and math.isfinite(log_d):
+                            log_d0 = log_d
+                        elif log_d is not None and log_d0 is not None and log_d - log_d0 > math.log(10.0):
                             s = math.exp(log_d0 - log_d)
                             _renormalise(cache, s)
                             rescale = math.log(s)
@@ -250,12 +254,12 @@ class CognitiveDecoder:
                     if (step + 1) % cfg.agency.update_every == 0:
                         if goals:
                             goals = self._update_goals(goals, gen_sum, fed, ref, trace)
-                        self._update_foci(probe, cache, context, pieces, surprisal, hidden_rows, goals, step + 1)
+                        self._update_foci(probe, cache, context, pieces, surprisal, hidden_rows, run_goals, step + 1)
             if agency_on:
                 n = len(trace.tokens)
                 if goals:
                     self._update_goals(goals, gen_sum, fed, ref, trace)
-                self._update_foci(probe, cache, context[:-1], pieces[:-1], surprisal[:-1], hidden_rows, goals, n)
+                self._update_foci(probe, cache, context[:-1], pieces[:-1], surprisal[:-1], hidden_rows, run_goals, n)
             if stab_on:
                 session.stability = tracker.state
             trace.warnings.extend(tracker.warnings)
@@ -272,13 +276,14 @@ class CognitiveDecoder:
 
     # --- helpers ------------------------------------------------------------------------------
     @staticmethod
-    def _offsets(ids: torch.Tensor, table: torch.Tensor | None, mem: torch.Tensor | None) -> torch.Tensor | None:
-        if table is None and mem is None:
+    def _offsets(B: int, concept: torch.Tensor | None, mem: torch.Tensor | None, T: int) -> torch.Tensor | None:
+        """Concept offsets (T, D) plus the memory offset (D,), as (B, T, D); None when both are absent."""
+        if concept is None and mem is None:
             return None
-        off = table[ids] if table is not None else None
-        if mem is not None:
-            off = mem.expand(*ids.shape, -1) if off is None else off + mem
-        return off
+        off = concept if concept is not None else mem.expand(T, -1)
+        if concept is not None and mem is not None:
+            off = off + mem
+        return off.unsqueeze(0).expand(B, -1, -1)
 
     @staticmethod
     def _log_distance(hidden: torch.Tensor) -> float | None:
@@ -318,10 +323,10 @@ class CognitiveDecoder:
         hidden = torch.cat(hidden_rows)[:L].cpu().numpy()
         if goals:
             hidden = hidden - reference_hidden(self.model)
-        concept_names = {t: self.session.concepts.concepts_of_token(t) for t in set(context)
-                         if self.session.concepts.concepts_of_token(t)} if len(self.session.concepts) else {}
+        store = self.session.concepts
+        concepts_in = store.occurring_in if len(store) else (lambda ids: [])
         scored = compute_foci(pieces[:L], context, np.asarray(surprisal[:L]), intensity[:L], hidden, goals,
-                              concept_names, (cfg.novelty_weight, cfg.relevance_weight, cfg.intensity_weight),
+                              concepts_in, (cfg.novelty_weight, cfg.relevance_weight, cfg.intensity_weight),
                               cfg.max_foci, math.log(self.model.config.vocab_size))
         agency = self.session.agency
         now = self.session.step + step

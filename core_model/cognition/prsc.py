@@ -10,9 +10,9 @@ coherence of concepts ``c_1..c_n`` is the mean over frequencies of their order p
 
     C = (1/F) sum_k | (1/n) sum_c exp(1j theta_k(c)) |   in [0, 1]   (1 when all phases agree)
 
-A concept feeds the network: every position whose token is bound gets
-``concept_proj([cos theta, sin theta])`` of the composition of all concepts bound to that
-token added to its input embedding (``api.concept_offsets``).
+A concept feeds the network: at every position where a bound concept's token sequence ends
+(one token for ``token_id=``), ``concept_proj([cos theta, sin theta])`` of the composition of the
+concepts ending there is added to the input embedding (``api.ConceptInput``).
 """
 
 from __future__ import annotations
@@ -126,16 +126,29 @@ class ConceptStore:
     def is_coherent(self, *names: str) -> bool:
         return self.coherence(*names) >= self.coherence_threshold
 
-    def token_phases(self) -> dict[int, np.ndarray]:
-        """For every bound token: the phases of the composition of all concepts bound to it."""
-        per_token: dict[int, list[int]] = {}
-        for c in self.bindings.values():
-            for t in set(c.token_ids):
-                per_token.setdefault(t, []).extend(c.primes)
-        return {t: prime_phases(primes, self.num_phases) for t, primes in per_token.items()}
+    def ending_at(self, context: list[int]) -> list[str]:
+        """Names of the concepts whose whole token sequence ends ``context`` (an occurrence)."""
+        index = self._index()
+        if not context or context[-1] not in index:
+            return []
+        return [name for name, seq in index[context[-1]] if context[-len(seq):] == seq]
 
-    def concepts_of_token(self, token_id: int) -> list[str]:
-        return [c.name for c in self.bindings.values() if token_id in c.token_ids]
+    def occurring_in(self, token_ids: list[int]) -> list[str]:
+        """Names of the concepts whose token sequence occurs anywhere in ``token_ids``."""
+        return sorted({n for end in range(1, len(token_ids) + 1) for n in self.ending_at(token_ids[:end])})
+
+    def phases_of(self, names: list[str]) -> np.ndarray:
+        """Phases of the composition of ``names`` (their primes multiplied)."""
+        return prime_phases([p for n in names for p in self._get(n).primes], self.num_phases)
+
+    def _index(self) -> dict[int, list[tuple[str, list[int]]]]:
+        """last token -> [(name, token sequence)], rebuilt when the bindings change."""
+        if getattr(self, "_index_version", None) != self.version:
+            index: dict[int, list[tuple[str, list[int]]]] = {}
+            for c in self.bindings.values():
+                index.setdefault(c.token_ids[-1], []).append((c.name, c.token_ids))
+            self._index_cache, self._index_version = index, self.version
+        return self._index_cache
 
     def to_dict(self) -> dict[str, Any]:
         return {"bindings": [c.to_dict() for c in self.bindings.values()]}

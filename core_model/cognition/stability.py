@@ -6,9 +6,10 @@ Per decoding step ``t`` the engine reports
 * ``d_t``: the relative distance ``|h'_t - h_t| / |h_t|`` between the final hidden states of
   the trajectory and of a twin started from a perturbed prompt (same tokens, batch row 2).
 
-The local exponent is ``l_t = ln d_t - ln d_{t-1}`` (per step; Benettin renormalisation of the
-twin keeps ``d`` small, the rescaling is accounted for), and the finite-time Lyapunov
-exponent is the mean of ``l`` over the last ``window`` steps, i.e. the slope of ``ln d``.
+The local exponent is ``l_t = ln d_t - ln d_{t-1}`` (per step, from the first generated token
+on; Benettin renormalisation of the twin keeps ``d`` small, the rescaling is accounted for), and
+the finite-time Lyapunov exponent is the mean of ``l`` over the last ``window`` steps, i.e. the
+slope of ``ln d``. Before the first exponent the estimate is 0.
 
 Classes (first that applies): ``divergent`` (non-finite values, or ``lambda > 10 * threshold``),
 ``periodic`` (the last ``window`` tokens repeat with a period ``p <= window / 2``),
@@ -120,9 +121,10 @@ class PredictiveStability:
         self._nonfinite = False
 
     # --- feeding ------------------------------------------------------------------------
-    def start(self, log_distance: float | None) -> None:
-        """New generation: reference distance of the twin at the end of the prompt."""
-        self._log_d = log_distance
+    def start(self) -> None:
+        """New generation. The first twin distance after the prompt becomes the reference: the step
+        from the (directly perturbed) prompt to the first unperturbed token is not dynamics."""
+        self._log_d = None
         self.exponents.clear()
         self.warnings = []
         self._nonfinite = False
@@ -172,7 +174,7 @@ class PredictiveStability:
     def _forecast(self) -> float:
         """Linear extrapolation of the running exponent ``predictive_horizon`` steps ahead."""
         ex = np.asarray(self.exponents)
-        if len(ex) < 4:
+        if len(ex) < max(4, self.config.window // 2):  # too few exponents for a trend
             return self.state.lyapunov
         running = np.cumsum(ex) / np.arange(1, len(ex) + 1)
         slope = np.polyfit(np.arange(len(running)), running, 1)[0]

@@ -1,0 +1,145 @@
+"""Agency: goals encoded with the model steer decoding, measure progress, get achieved; foci."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from core_model.cognition import CognitionError
+from core_model.cognition.agency import Goal, content_words, group_words, steering_bias
+from core_model.config import AgencyConfig, ResoLLMConfig
+from core_model.inference import ResoLLMInference
+from core_model.model import ResoLLMModel
+from core_model.tokenizer import create_default_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed: int = 0, **kw) -> ResoLLMModel:
+    torch.manual_seed(seed)
+    return ResoLLMModel(ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256, **kw)).eval()
+
+
+def test_goal_fields_and_content_words():
+    model = tiny()
+    goal = model.create_goal("Describe the ocean waves clearly", goal_type="informative", priority=0.8)
+    assert goal.words == ["describe", "ocean", "waves", "clearly"]
+    assert len(goal.vector) == 64 and goal.status == "active" and goal.progress == 0.0
+    [active] = model.get_active_goals()
+    assert (active.description, active.priority) == ("Describe the ocean waves clearly", 0.8)
+    assert content_words("Provide a clear, beginner-friendly explanation") == ["clear", "beginner-friendly", "explanation"]
+
+
+def test_progress_rises_when_the_text_matches_the_goal():
+    model = tiny()
+    goal = model.create_goal("describe ocean waves")
+    matching = model.goal_progress(goal, "The ocean waves roll in; let me describe them.")
+    unrelated = model.goal_progress(goal, "Compilers translate source code into machine code.")
+    assert matching > unrelated + 0.3
+    assert model.goal_progress(goal, "describe ocean waves") == pytest.approx(1.0, abs=1e-6)
+    # Goal.update marks achievement at the threshold and counts stalls
+    assert not goal.update(None, "nothing here", 0.6, step=1) and goal.stall == 1
+    assert goal.update(np.asarray(goal.vector), "describe ocean waves", 0.6, step=9)
+    assert goal.status == "achieved" and goal.achieved_at == 9 and model.get_active_goals() == []
+
+
+def test_goal_changes_the_output_at_a_fixed_seed_and_fills_goals_achieved():
+    tok = create_default_tokenizer()
+    model = tiny()
+    engine = ResoLLMInference(model, tok)
+    plain = engine.generate("Tell me about the sea.", max_length=120, seed=3, stop_at_eos=False)
+    steered = engine.generate_with_goal("Tell me about the sea.", "describe ocean waves", max_length=120, seed=3,
+                                        stop_at_eos=False)
+    assert steered.token_ids != plain.token_ids
+    low_plain, low_steered = plain.text.lower(), steered.text.lower()
+    hits = lambda s: sum(w in s for w in ("describe", "ocean", "waves"))  # noqa: E731
+    assert hits(low_steered) > hits(low_plain)
+    assert steered.goals_achieved == ["describe ocean waves"]
+    assert any("goal achieved" in w for w in steered.warnings)
+    assert model.get_goals()[0].status == "achieved"
+
+
+def test_unachieved_goal_of_generate_with_goal_is_abandoned():
+    tok = create_default_tokenizer()
+    model = tiny()
+    engine = ResoLLMInference(model, tok)
+    r = engine.generate_with_goal("Hi", "zyxwvut quorblax", max_length=10, seed=0)
+    assert r.goals_achieved == [] and "zyxwvut quorblax" in r.goal_progress
+    assert model.get_active_goals() == [] and model.get_goals()[0].status == "abandoned"
+
+
+def test_steering_bias_continues_goal_words():
+    g = Goal(1, "ocean", "task", 1.0, [0.0], ["ocean"], [[111, 99, 101, 97, 110]], [True])
+    start = steering_bias([g], [32], at_boundary=True, base=2.0)
+    assert start == {111: 1.0}  # beta / 2 on the first token at a word boundary
+    assert steering_bias([g], [120], at_boundary=False, base=2.0) == {}
+    mid = steering_bias([g], [32, 111, 99], at_boundary=False, base=2.0)
+    assert mid == {101: pytest.approx(2.0 * (1 + 2 / 5))}
+    g.stall = 2
+    assert steering_bias([g], [32, 111, 99], False, 2.0)[101] == pytest.approx(2 * 2.0 * (1 + 2 / 5))
+
+
+def test_attention_foci_have_the_seed_fields():
+    tok = create_default_tokenizer()
+    model = tiny()
+    model.bind_concept("mathematics", token_ids=tok.encode("math"))
+    engine = ResoLLMInference(model, tok)
+    model.create_goal("explain algebra")
+    engine.generate("I love math and algebra puzzles", max_length=16, seed=0)
+    foci = model.get_attention_foci()
+    assert 1 <= len(foci) <= model.config.agency.max_foci
+    for f in foci:
+        assert f.type in ("token", "goal", "concept") and f.target
+        assert 0 <= f.intensity <= 1 and 0 <= f.novelty <= 1 and 0 <= f.relevance <= 1 and f.duration >= 0
+    assert [f.salience for f in foci] == sorted((f.salience for f in foci), reverse=True)
+    kinds = {(f.type, f.target) for f in foci}
+    assert ("goal", "algebra") in kinds  # a goal word in the context is maximally relevant
+
+
+def test_last_query_attention_matches_explicit_scores():
+    """The probe's attention mass equals softmax of the module's own explicit scores (last row)."""
+    from core_model.cognition.decoding import _AttentionProbe
+
+    model = tiny()
+    attn = model.blocks[-1].attn
+    probe = _AttentionProbe(attn)
+    ids = torch.tensor([[5, 80, 101, 33, 7, 250, 90, 12]])
+    cache = model.new_cache(1, 16)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        mass = probe.last_query_mass(cache.layers[-1], ids.shape[1], None)
+        qkv_or_x, phase, rope = probe.args[:3]
+        theta = model(ids).phases  # not needed by the check below, keeps the forward honest
+    probe.remove()
+    assert theta is not None and mass.shape == (8,) and math.isclose(float(mass.sum()), 1.0, rel_tol=1e-5)
+    if phase.is_complex():
+        th = phase.angle()
+    elif phase.dim() == 4:
+        th = torch.atan2(phase[..., 1], phase[..., 0])
+    else:
+        th = phase
+    scores = attn.explicit_scores(qkv_or_x, th, rope)  # (B, H, T, T)
+    T = ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    ref = scores.masked_fill(~causal, float("-inf")).softmax(-1)[0, :, -1].mean(0)
+    assert np.allclose(mass, ref.detach().numpy(), atol=1e-5)
+
+
+def test_agency_switch_and_errors():
+    model = tiny(agency=AgencyConfig(enabled=False, max_goals=1))
+    with pytest.raises(CognitionError, match="disabled"):
+        model.create_goal("anything")
+    model = tiny(agency=AgencyConfig(max_goals=1))
+    model.create_goal("first goal here")
+    with pytest.raises(CognitionError, match="already active"):
+        model.create_goal("second goal here")
+    assert group_words(["I", " lo", "ve", " m", "ath", "!"]) == [[0], [1, 2], [3, 4], [5]]

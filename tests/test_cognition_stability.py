@@ -1,0 +1,136 @@
+"""Predictive stability: classes, Lyapunov estimate, prediction, temperature control, halting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core_model.cognition.stability import (
+    PredictiveStability, StabilityState, TemperatureController, detect_period, stability_score,
+)
+from core_model.config import ResoLLMConfig, StabilityConfig
+from core_model.inference import ResoLLMInference
+from core_model.model import ResoLLMModel
+from core_model.tokenizer import create_default_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed: int = 0, **kw) -> ResoLLMModel:
+    torch.manual_seed(seed)
+    return ResoLLMModel(ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256, **kw)).eval()
+
+
+def test_detect_period():
+    assert detect_period([1, 2, 3] * 10, 16) == 3
+    assert detect_period([7] * 20, 16) == 1
+    assert detect_period(list(range(40)), 16) is None
+    assert detect_period([1, 2, 3] * 5, 16) is None  # too short for the window
+    assert detect_period(list(range(10)) + [4, 5, 6, 7] * 6, 16) == 4
+
+
+def test_controller_raises_temperature_when_entropy_collapses_and_lowers_it_when_it_explodes():
+    cfg = StabilityConfig(min_temperature=0.3, max_temperature=1.5, entropy_low=0.15, entropy_high=0.85,
+                          temperature_step=0.1)
+    ctrl = TemperatureController(cfg, 0.7)
+    temps = [ctrl.update(0.02, unstable=False, collapsed=False) for _ in range(30)]  # collapse
+    assert temps[0] > 0.7 and all(b >= a for a, b in zip(temps, temps[1:])) and temps[-1] == 1.5
+    temps = [ctrl.update(0.97, unstable=False, collapsed=False) for _ in range(40)]  # explosion
+    assert temps[0] < 1.5 and all(b <= a for a, b in zip(temps, temps[1:])) and temps[-1] == 0.3
+    t = ctrl.update(0.5, unstable=False, collapsed=False)  # in the band: relax towards the request
+    assert 0.3 < t < 0.7
+    assert ctrl.suggest(0.7, 0.5, unstable=True, collapsed=False) < 0.7  # instability cools
+    assert ctrl.suggest(0.7, 0.5, unstable=False, collapsed=True) > 0.7  # loops heat
+    assert TemperatureController(cfg, 0.0).update(0.01, False, True) == 0.0  # greedy stays greedy
+
+
+def test_engine_temperature_follows_entropy():
+    """Untrained model: near-uniform distributions -> the controller cools down to the minimum."""
+    tok = create_default_tokenizer()
+    model = tiny()
+    r = ResoLLMInference(model, tok, temperature=1.0).generate("Hello", max_length=30, seed=0, stop_at_eos=False)
+    assert r.temperature_trace[0] == 1.0 and r.temperature_trace[-1] == pytest.approx(0.3)
+    assert min(r.temperature_trace) >= 0.3 and len(r.temperature_trace) == r.tokens_generated
+    assert r.entropy_trace[0] > r.entropy_trace[-1]  # lower temperature, lower sampling entropy
+    assert model.get_suggested_temperature(0.7) < 0.7  # still high entropy at the end
+
+
+def test_looping_generation_is_classified_periodic():
+    tok = create_default_tokenizer()
+    model = tiny()
+    r = ResoLLMInference(model, tok, temperature=0.0).generate("the cat sat on the mat", max_length=60, seed=0)
+    period = detect_period(r.token_ids, 16)
+    assert period is not None  # greedy decoding of this untrained model falls into a loop
+    assert r.stability == "periodic" and any("became periodic" in w for w in r.warnings)
+    assert model.get_stability() <= 0.5
+
+
+def test_lyapunov_trace_is_real():
+    tok = create_default_tokenizer()
+    model = tiny()
+    r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=40, seed=1,
+                                                               stop_at_eos=False)
+    assert len(r.lyapunov_trace) == r.tokens_generated == 40
+    assert r.lyapunov_trace[0] == 0.0 and all(math.isfinite(v) for v in r.lyapunov_trace)
+    assert len(set(r.lyapunov_trace[2:])) > 5 and r.lyapunov == r.lyapunov_trace[-1]
+    assert 0.0 <= model.get_stability() <= 1.0
+    # switching the twin off removes the estimate (and its cost)
+    model2 = tiny(stability=StabilityConfig(lyapunov=False))
+    r2 = ResoLLMInference(model2, tok, temperature=0.8).generate("Once upon a time", max_length=10, seed=1)
+    assert set(r2.lyapunov_trace) == {0.0}
+
+
+def test_growing_divergence_is_chaotic_and_predicted_first():
+    cfg = StabilityConfig(lyapunov_threshold=0.1, predictive_horizon=5, window=16)
+    mon = PredictiveStability(cfg, vocab_size=263)
+    mon.start()
+    log_d, labels, rate = -7.0, [], 0.0
+    for step in range(40):
+        rate = min(0.3, rate + 0.015)  # perturbations grow faster and faster
+        log_d += rate
+        mon.observe_distance(log_d)
+        labels.append(mon.observe(step, 3.0, list(range(step + 1))).label)
+    assert labels[-1] == "chaotic" and labels[0] == "stable"
+    first_chaotic = labels.index("chaotic")
+    predicted = [w for w in mon.warnings if "predicted" in w]
+    assert predicted, mon.warnings
+    assert int(predicted[0].split()[1].rstrip(":")) < first_chaotic  # the warning names an earlier step
+    assert any(w.startswith(f"step {first_chaotic}: generation became chaotic") for w in mon.warnings)
+
+
+def test_divergent_and_score():
+    cfg = StabilityConfig()
+    mon = PredictiveStability(cfg, vocab_size=263)
+    mon.start()
+    mon.observe_distance(float("nan"))
+    assert mon.observe(0, 3.0, [1]).label == "divergent" and mon.score() == 0.0
+    s = StabilityState(label="stable", lyapunov=-0.5)
+    assert stability_score(s, 0.1) == pytest.approx(1.0, abs=1e-6)
+    assert stability_score(StabilityState(label="chaotic", lyapunov=0.3), 0.1) < 0.01
+
+
+def test_halting_is_opt_in_and_respects_the_minimum(monkeypatch):
+    tok = create_default_tokenizer()
+    model = tiny()
+    # Force every step to look chaotic: a monitor that always reports a high exponent.
+    original = PredictiveStability.observe
+
+    def chaotic(self, step, entropy, tokens, finite=True):
+        self.exponents.append(1.0)
+        return original(self, step, entropy, tokens, finite)
+
+    monkeypatch.setattr(PredictiveStability, "observe", chaotic)
+    engine = ResoLLMInference(model, tok, temperature=0.8)
+    r = engine.generate("Hi", max_length=40, seed=0, stop_at_eos=False)
+    assert r.tokens_generated == 40 and not r.halted and r.stability == "chaotic"
+    r = engine.generate("Hi", max_length=40, seed=0, stop_at_eos=False, halt_on_instability=True)
+    assert r.halted and r.tokens_generated == model.config.stability.min_tokens_before_halt == 16
+    assert any("halted" in w for w in r.warnings)
