@@ -111,7 +111,7 @@ class BusConfig:
         if self.ttl <= self.heartbeat_interval:
             raise ConfigError(f"ttl ({self.ttl}) must exceed heartbeat_interval")
         if self.snapshot_timeout <= 0 or self.max_keys < 1:
-            raise ConfigError("snapshot_timeout must be > 0 and max_keys >= 1")
+            raise ConfigError("need snapshot_timeout > 0 and max_keys >= 1")
 
     def with_endpoints(self, endpoints: BusEndpoints) -> BusConfig:
         """A copy of this config with other endpoints."""

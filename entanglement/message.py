@@ -59,8 +59,8 @@ SNAPSHOT_END = "$snapshot-end"
 CONTROL_KEYS = frozenset({HUB_HEARTBEAT, NODE_HEARTBEAT, SNAPSHOT_REQUEST, SNAPSHOT_END})
 
 _MAX_INT = (1 << 63) - 1
-_MIN_INT = -(1 << 63)
-_SCALARS = (bool, int, float, str, bytes)
+_SCALAR_TYPES = frozenset({type(None), bool, int, float, str, bytes})
+_NUMBERS = frozenset({int, float})
 
 Payload = dict[str, Any]
 
@@ -118,11 +118,14 @@ def pack(update: StateUpdate) -> bytes:
     """The msgpack body of `update`; invalid content raises `MalformedMessage` here, early."""
     _check_payload(update.payload)
     _check_envelope(update.key, update.seq, update.epoch, update.agent, update.timestamp)
-    return msgpack.packb(
-        [WIRE_VERSION, update.key, update.seq, update.epoch, update.agent, update.timestamp,
-         update.payload],
-        use_bin_type=True,
-    )
+    try:
+        return msgpack.packb(
+            [WIRE_VERSION, update.key, update.seq, update.epoch, update.agent, update.timestamp,
+             update.payload],
+            use_bin_type=True,
+        )
+    except (OverflowError, ValueError) as exc:  # e.g. an int beyond msgpack's 64-bit range
+        raise MalformedMessage(f"cannot pack {update.key!r}: {exc}") from exc
 
 
 def unpack(frame: bytes, limits: MessageLimits = MessageLimits()) -> StateUpdate:
@@ -164,7 +167,11 @@ def make_update(agent: str, key: str, payload: Mapping[str, Any] | None) -> Stat
     """
     if payload is None:
         return StateUpdate(key, agent, None, 0, 0, time.time())
-    return StateUpdate(key, agent, {k: _plain(k, v) for k, v in payload.items()}, 0, 0, time.time())
+    if all(type(v) in _SCALAR_TYPES for v in payload.values()) and "phases" not in payload:
+        plain = dict(payload)
+    else:
+        plain = {k: _plain(k, v) for k, v in payload.items()}
+    return StateUpdate(key, agent, plain, 0, 0, time.time())
 
 
 def _plain(name: str, value: Any) -> Any:
@@ -195,6 +202,7 @@ def _check_envelope(key: Any, seq: Any, epoch: Any, agent: Any, timestamp: Any) 
 
 
 def _check_payload(payload: Any) -> None:
+    # Hot path (every message, every receiver): set comparisons instead of per-item calls.
     if payload is None:
         return
     if type(payload) is not dict:
@@ -202,35 +210,18 @@ def _check_payload(payload: Any) -> None:
     for name, value in payload.items():
         if type(name) is not str:
             raise MalformedMessage(f"payload field names must be str, got {name!r:.80}")
-        if type(value) is list:
-            for item in value:
-                _check_scalar(name, item)
-        elif value is not None:
-            _check_scalar(name, value)
-    _check_known_fields(payload)
-
-
-def _check_scalar(name: str, value: Any) -> None:
-    if type(value) not in _SCALARS and value is not None:
-        raise MalformedMessage(f"payload field {name!r}: unsupported type {type(value).__name__}")
-    if type(value) is int and not _MIN_INT <= value <= _MAX_INT:
-        raise MalformedMessage(f"payload field {name!r}: int out of 64-bit range")
-
-
-def _check_known_fields(payload: dict[str, Any]) -> None:
-    phases = payload.get("phases")
-    if phases is not None and (type(phases) is not bytes or len(phases) % 4):
-        raise MalformedMessage("payload 'phases' must be float32 bytes (length % 4 == 0)")
-    sedenion = payload.get("sedenion")
-    if sedenion is not None and (
-        type(sedenion) is not list
-        or len(sedenion) != SEDENION_DIM
-        or not all(type(x) in (int, float) for x in sedenion)
-    ):
-        raise MalformedMessage(f"payload 'sedenion' must be a list of {SEDENION_DIM} numbers")
-    coherence = payload.get("coherence")
-    if coherence is not None and type(coherence) not in (int, float):
+        kind = type(value)
+        if kind not in _SCALAR_TYPES and not (kind is list and {type(x) for x in value} <= _SCALAR_TYPES):
+            raise MalformedMessage(f"payload field {name!r}: unsupported value {value!r:.80}")
+    if "phases" in payload:
+        phases = payload["phases"]
+        if type(phases) is not bytes or len(phases) % 4:
+            raise MalformedMessage("payload 'phases' must be float32 bytes (length % 4 == 0)")
+    if "sedenion" in payload:
+        sed = payload["sedenion"]
+        if type(sed) is not list or len(sed) != SEDENION_DIM or not {type(x) for x in sed} <= _NUMBERS:
+            raise MalformedMessage(f"payload 'sedenion' must be a list of {SEDENION_DIM} numbers")
+    if "coherence" in payload and type(payload["coherence"]) not in _NUMBERS:
         raise MalformedMessage("payload 'coherence' must be a number")
-    step = payload.get("step")
-    if step is not None and type(step) is not int:
+    if "step" in payload and type(payload["step"]) is not int:
         raise MalformedMessage("payload 'step' must be an int")

@@ -1,7 +1,9 @@
 """`BusNode`: one agent's view of the bus, the Clone pattern's clonecli.
 
-The node's own thread owns every socket (SUB <- hub PUB, DEALER <-> hub ROUTER, PUSH -> hub
-PULL); callers talk to it through an inproc PAIR pipe and read state under a lock.
+The node's own thread owns the receiving sockets (SUB <- hub PUB, DEALER <-> hub ROUTER) and
+is stopped through an inproc PAIR pipe. The one outbound socket (PUSH -> hub PULL) is shared by
+`publish()` callers and the node thread (heartbeats, re-publishing) strictly under a lock, so an
+update leaves from the caller's thread without an extra thread hop. Readers use a lock too.
 
 States and transitions::
 
@@ -125,36 +127,47 @@ class BusNode:
         self._sub: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
         self._poller = zmq.Poller()
-        # Caller -> node pipe.
+        # Outbound PUSH to the hub's collector, shared by callers (publish) and the node thread
+        # (heartbeats, re-publishing): only ever used under _send_lock, which also guards _own.
+        self._push = self._socket(zmq.PUSH)
+        self._push.connect(config.endpoints.collect)
+        self._send_lock = threading.Lock()
+        # Caller -> node thread pipe, for the stop request.
         addr = f"inproc://node-pipe-{uuid.uuid4().hex}"
         self._pipe_in = self.context.socket(zmq.PAIR)
         self._pipe_in.linger = 0
-        self._pipe_in.rcvhwm = 0
         self._pipe_in.bind(addr)
         self._pipe_out = self.context.socket(zmq.PAIR)
         self._pipe_out.linger = 0
-        self._pipe_out.sndhwm = 0
         self._pipe_out.connect(addr)
-        self._pipe_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"bus-node-{agent_id}", daemon=True)
         self._thread.start()
 
     # -- caller API -------------------------------------------------------------------------
 
-    def publish(self, name: str, payload: Mapping[str, Any] | None) -> None:
+    def publish(self, name: str, payload: Mapping[str, Any] | None) -> bool:
         """Publish `payload` under ``agent/<agent_id>/<name>`` (None deletes the key).
 
-        Validation errors raise `MalformedMessage` here. Delivery is asynchronous; the value is
-        also kept so it can be re-published if a restarted hub lost it.
+        Validation errors raise `MalformedMessage` here. The update goes straight from the
+        calling thread to the hub (queued by ZeroMQ); the value is also kept so it can be
+        re-published if a restarted hub lost it. Returns False (and counts a drop) when
+        `config.hwm` updates are already queued for the hub (it is gone or overloaded).
         """
         key = agent_key(self.agent_id, name)
         body = pack(make_update(self.agent_id, key, payload))
-        self._send_pipe([b"P", key.encode(), body])
+        if self._closed or not self._thread.is_alive():
+            raise NodeError(f"node {self.agent_id!r} is closed") from self.error
+        with self._send_lock:
+            if payload is None:
+                self._own.pop(key, None)
+            else:
+                self._own[key] = body
+            return self._send(body, count=True)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str) -> bool:
         """Delete this agent's key `name` for everyone."""
-        self.publish(name, None)
+        return self.publish(name, None)
 
     def latest(self, agent_id: str) -> dict[str, StateUpdate]:
         """The latest value of each of `agent_id`'s keys, by name (``phase``, ``sedenion``...)."""
@@ -217,10 +230,11 @@ class BusNode:
             return
         self._closed = True
         if self._thread.is_alive():
-            with self._pipe_lock:
-                self._pipe_out.send_multipart([b"S"])
+            self._pipe_out.send(b"S")
             self._thread.join(timeout)
         self._pipe_out.close(linger=0)
+        with self._send_lock:
+            self._push.close(linger=0)
         if self._thread.is_alive():
             raise NodeError(f"node {self.agent_id!r} thread did not stop within {timeout}s")
         if self._own_context:
@@ -232,11 +246,16 @@ class BusNode:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send_pipe(self, frames: list[bytes]) -> None:
-        if self._closed or not self._thread.is_alive():
-            raise NodeError(f"node {self.agent_id!r} is closed") from self.error
-        with self._pipe_lock:
-            self._pipe_out.send_multipart(frames)
+    def _send(self, body: bytes, count: bool) -> bool:
+        """Queue `body` for the hub (caller holds _send_lock)."""
+        try:
+            self._push.send(body, zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters.dropped += 1
+            return False
+        if count:
+            self.counters.sent += 1
+        return True
 
     # -- node thread ------------------------------------------------------------------------
 
@@ -251,24 +270,22 @@ class BusNode:
         return sock
 
     def _run(self) -> None:
-        push = self._socket(zmq.PUSH)
         try:
-            push.connect(self.config.endpoints.collect)
             self._poller.register(self._pipe_in, zmq.POLLIN)
-            self._loop(push)
+            self._loop()
         except BaseException as exc:  # record why the thread died; the caller sees NodeError
             self.error = exc
             log.error("bus node %r thread died: %r", self.agent_id, exc)
             raise
         finally:
-            for sock in (self._sub, self._dealer, push, self._pipe_in):
+            for sock in (self._sub, self._dealer, self._pipe_in):
                 if sock is not None:
                     sock.close(linger=0)
             with self._lock:
                 self._state = NodeState.CLOSED
                 self._lock.notify_all()
 
-    def _loop(self, push: zmq.Socket) -> None:
+    def _loop(self) -> None:
         self._connect()
         interval = self.config.heartbeat_interval
         next_beat = time.monotonic()
@@ -276,49 +293,27 @@ class BusNode:
             now = time.monotonic()
             if now >= next_beat:
                 beat = make_update(self.agent_id, NODE_HEARTBEAT, None)
-                self._push(push, pack(beat), count=False)
+                with self._send_lock:
+                    self._send(pack(beat), count=False)
                 next_beat = now + interval
             self._check_timers(now)
             events = dict(self._poller.poll(max(0.0, next_beat - time.monotonic()) * 1000.0))
-            if self._pipe_in in events and self._drain_pipe(push):
-                return
+            if self._pipe_in in events:
+                return  # the only message on the pipe is the stop request
             if self._sub is not None and self._sub in events:
                 for _ in range(_DRAIN):
                     try:
                         frames = self._sub.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._on_sub(frames, push)
+                    self._on_sub(frames)
             if self._dealer is not None and self._dealer in events:
                 for _ in range(_DRAIN):
                     try:
                         frame = self._dealer.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._on_snapshot(frame, push)
-
-    def _drain_pipe(self, push: zmq.Socket) -> bool:
-        """Forward queued publishes; True when asked to stop."""
-        for _ in range(_DRAIN):
-            try:
-                frames = self._pipe_in.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return False
-            if frames[0] == b"S":
-                return True
-            _, key, body = frames
-            self._own[key.decode()] = body
-            self._push(push, body, count=True)
-        return False
-
-    def _push(self, push: zmq.Socket, body: bytes, count: bool) -> None:
-        try:
-            push.send(body, zmq.NOBLOCK)
-        except zmq.Again:
-            self.counters.dropped += 1
-            return
-        if count:
-            self.counters.sent += 1
+                    self._on_snapshot(frame)
 
     def _check_timers(self, now: float) -> None:
         if self._state is NodeState.CONNECTING:
@@ -365,7 +360,7 @@ class BusNode:
         self._request_sent = time.monotonic()
         self._set_state(NodeState.SYNCING)
 
-    def _on_sub(self, frames: list[bytes], push: zmq.Socket) -> None:
+    def _on_sub(self, frames: list[bytes]) -> None:
         self.counters.received += 1
         self._last_hub = time.monotonic()
         try:
@@ -387,9 +382,9 @@ class BusNode:
                     self._request_snapshot()
             return
         if self._state is NodeState.ACTIVE:
-            self._sequence(msg, push)
+            self._sequence(msg)
 
-    def _sequence(self, msg: StateUpdate, push: zmq.Socket) -> None:
+    def _sequence(self, msg: StateUpdate) -> None:
         """Apply `msg` if it is the next in sequence; otherwise drop it or re-sync."""
         if msg.epoch != self._epoch:
             log.debug("node %r: hub epoch changed, re-syncing", self.agent_id)
@@ -412,7 +407,7 @@ class BusNode:
             return
         self._apply(msg)
 
-    def _on_snapshot(self, frame: bytes, push: zmq.Socket) -> None:
+    def _on_snapshot(self, frame: bytes) -> None:
         self.counters.received += 1
         self._last_hub = time.monotonic()
         try:
@@ -438,10 +433,11 @@ class BusNode:
             elif queued.epoch != self._epoch or queued.seq <= self._seq:
                 self.counters.dropped += 1  # covered by the snapshot (or from an old hub)
             else:
-                self._sequence(queued, push)
-        for key, body in self._own.items():
-            if key not in self._map:
-                self._push(push, body, count=True)  # the hub lost it (restart or expiry)
+                self._sequence(queued)
+        with self._send_lock:
+            for key, body in self._own.items():
+                if key not in self._map:
+                    self._send(body, count=True)  # the hub lost it (restart or expiry)
 
     def _install(self, seq: int, epoch: int) -> None:
         items, self._snapshot_items = self._snapshot_items, {}
