@@ -1,0 +1,86 @@
+"""Session state: lives outside the nn.Module, resets, round-trips through msgpack/JSON and then
+continues exactly as the original session does."""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+import pytest
+import torch
+
+from core_model.cognition import CognitiveSession, SessionStateError
+from core_model.config import ResoLLMConfig
+from core_model.inference import ResoLLMInference
+from core_model.model import ResoLLMModel
+from core_model.tokenizer import create_default_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config(**kw) -> ResoLLMConfig:
+    return ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256, **kw)
+
+
+def busy_model(tok) -> tuple[ResoLLMModel, ResoLLMInference]:
+    torch.manual_seed(0)
+    model = ResoLLMModel(config()).eval()
+    engine = ResoLLMInference(model, tok, temperature=0.9, seed=11)
+    model.bind_concept("mathematics", token_ids=tok.encode("math"))
+    model.bind_concept("logic")
+    model.update_memory("The train leaves from platform nine.", importance=2.0)
+    model.update_memory("Math is fun.", importance=0.5)
+    model.create_goal("explain mathematics and logic clearly")
+    engine.generate("Tell me about math", max_length=20)
+    return model, engine
+
+
+def test_state_is_not_in_the_module():
+    tok = create_default_tokenizer()
+    model, _ = busy_model(tok)
+    names = set(model.state_dict())
+    assert not any("session" in n for n in names)
+    assert isinstance(model.session, CognitiveSession)
+    assert "_cognitive_session" not in dict(model.named_modules())
+
+
+def test_round_trip_gives_identical_continuations():
+    tok = create_default_tokenizer()
+    model, engine = busy_model(tok)
+    state = model.session.to_dict()
+    wire = msgpack.unpackb(msgpack.packb(state), strict_map_key=False)
+    assert wire == state and json.loads(json.dumps(state)) == state  # plain types only
+
+    clone = ResoLLMModel(config()).eval()
+    clone.load_state_dict(model.state_dict())
+    clone.load_cognition_state(wire)
+    clone_engine = ResoLLMInference(clone, tok, temperature=0.9)
+    assert clone.session.to_dict() == state
+
+    a = engine.generate("And then?", max_length=30)  # seed = session seed + turn, restored too
+    b = clone_engine.generate("And then?", max_length=30)
+    assert a.token_ids == b.token_ids and a.entropy_trace == b.entropy_trace
+    assert a.lyapunov_trace == b.lyapunov_trace and a.attention_summary == b.attention_summary
+    assert model.session.to_dict() == clone.session.to_dict()
+
+
+def test_reset_and_mismatch():
+    tok = create_default_tokenizer()
+    model, engine = busy_model(tok)
+    state = model.session.to_dict()
+    model.reset_cognition()
+    s = model.session
+    assert (len(s.concepts), len(s.memory), s.agency.goals, s.turn, s.step) == (0, 0, [], 0, 0)
+    other = ResoLLMConfig(dim=128, num_layers=2, num_heads=4, num_phases=4)
+    with pytest.raises(SessionStateError, match="model"):
+        CognitiveSession.from_dict(state, other)
+    with pytest.raises(SessionStateError):
+        CognitiveSession.from_dict({"format": 1, "model": state["model"], "seed": 0}, model.config)
+    with pytest.raises(SessionStateError):
+        CognitiveSession.from_dict({"format": 99}, model.config)
