@@ -87,7 +87,8 @@ class BusHub:
             keys = keys or BusKeys.generate()
         self.keys = keys
         self._own_context = context is None
-        self.context = context or zmq.Context()
+        # Two I/O threads: CURVE encryption of the fan-out to every node happens there.
+        self.context = context or zmq.Context(io_threads=2)
         self.epoch = secrets.randbits(62) + 1
         self.counters = HubCounters()
         self._seq = 0

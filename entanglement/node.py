@@ -41,7 +41,6 @@ from entanglement.message import (
     MalformedMessage,
     StateUpdate,
     agent_key,
-    key_owner,
     make_update,
     pack,
     unpack,
@@ -461,27 +460,29 @@ class BusNode:
             self._notify(upd)
 
     def _apply(self, msg: StateUpdate) -> None:
+        _, owner, name = msg.key.split("/", 2)  # unpack() guarantees agent/<id>/<name>
         with self._lock:
             if msg.payload is None:
                 self._map.pop(msg.key, None)
-                owner = key_owner(msg.key)
-                names = self._by_agent.get(owner or "")
+                names = self._by_agent.get(owner)
                 if names is not None:
-                    names.pop(msg.key.split("/", 2)[2], None)
+                    names.pop(name, None)
                     if not names:
-                        del self._by_agent[owner or ""]
+                        del self._by_agent[owner]
             else:
                 self._map[msg.key] = msg
-                self._index(msg.key, msg)
+                names = self._by_agent.get(owner)
+                if names is None:
+                    names = self._by_agent[owner] = {}
+                names[name] = msg
             self._seq = msg.seq
             self.counters.applied += 1
             self._lock.notify_all()
         self._notify(msg)
 
     def _index(self, key: str, upd: StateUpdate) -> None:
-        owner = key_owner(key)
-        if owner is not None:
-            self._by_agent.setdefault(owner, {})[key.split("/", 2)[2]] = upd
+        _, owner, name = key.split("/", 2)
+        self._by_agent.setdefault(owner, {})[name] = upd
 
     def _notify(self, upd: StateUpdate) -> None:
         for callback in self._callbacks:
