@@ -40,11 +40,12 @@ def assert_refused(hub: BusHub, node: BusNode) -> None:
     """The node never gets a snapshot, and what it publishes never reaches the hub."""
     try:
         node.publish("intrusion", {"value": 1})
-        assert not node.wait_active(REFUSAL_WINDOW)
-        assert node.node_state is not NodeState.ACTIVE
-        assert node.counters.received == 0
-        assert hub.seq == 0 and hub.keys_snapshot() == {}
-        assert node.agent_id not in hub.agents()
+        why = f"node {node.counters}, hub {hub.counters}"
+        assert not node.wait_active(REFUSAL_WINDOW), why
+        assert node.node_state is not NodeState.ACTIVE, why
+        assert node.counters.received == 0, why
+        assert hub.seq == 0 and hub.keys_snapshot() == {}, why
+        assert node.agent_id not in hub.agents(), why
     finally:
         node.close()
 
