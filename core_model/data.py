@@ -61,7 +61,8 @@ def is_hub_id(source: str) -> bool:
 
 def _unavailable(source: str, reason: str) -> DatasetUnavailable:
     return DatasetUnavailable(
-        f"cannot load the hub data set {source!r}: {reason}. Without a network, train on local files "
+        f"cannot load the hub data set {source!r} (no local path of that name exists either): {reason}. "
+        f"Without a network, train on local files "
         f"with --dataset PATH (a .jsonl, .parquet or .txt file or a folder of them), e.g. "
         f"--dataset {LOCAL_EXAMPLE} --eval-dataset ../shared/data/openassistant-guanaco"
     )

@@ -45,7 +45,7 @@ class RayTrainSettings:
     torch_threads: int | None = None  # default: cpus_per_worker (Ray sets OMP_NUM_THREADS=1 otherwise)
     max_failures: int = 2
     keep_checkpoints: int = 2
-    find_unused_parameters: bool = True  # the last block's phase coupling (and inference-only projections) get no gradient
+    find_unused_parameters: bool = True  # the last block's phase coupling never reaches the loss
     fail_at_step: int | None = None  # test hook: rank 1 exits after this step on the first attempt only
 
     def validate(self) -> None:
@@ -63,7 +63,7 @@ class RayTrainResult:
     step: int
     metrics: dict[str, Any]
     fit_seconds: float
-    restarts: int
+    resumes: int
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -220,7 +220,7 @@ def run_ray_training(model_config: ResoLLMConfig, train_config: TrainConfig, dat
         final = export_model(ckpt, out_dir / "final")
         checkpoint_dir = Path(result.checkpoint.path)
     rows = read_metrics(out_dir / "metrics.jsonl")
-    restarts = sum(1 for r in rows if r.get("event") == "resume")
+    resumes = sum(1 for r in rows if r.get("event") == "resume")
     last_step = max((int(r["step"]) for r in rows if "loss" in r), default=0)
     return RayTrainResult(out_dir=out_dir, final_dir=final, checkpoint_dir=checkpoint_dir, step=last_step,
-                          metrics=dict(result.metrics or {}), fit_seconds=fit_seconds, restarts=restarts)
+                          metrics=dict(result.metrics or {}), fit_seconds=fit_seconds, resumes=resumes)

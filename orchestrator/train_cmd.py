@@ -99,11 +99,13 @@ def register(app: typer.Typer) -> None:
         from core_model.checkpoint import CheckpointError
         from core_model.config import ConfigError
         from core_model.data import DatasetError, prepare_data
-        from core_model.train_state import latest_checkpoint
         from core_model.tokenizer import TokenizerError
+        from core_model.train_state import latest_checkpoint
         from core_model.trainer import TrainConfig, TrainError
 
         _quiet_datasets()
+        if workers == 0 and (use_gpu or address):
+            raise _fail("--use-gpu and --address apply to Ray Train runs; add --workers N (N >= 1)")
         out = out.expanduser().resolve()
         existing = latest_checkpoint(out / "checkpoints") if workers == 0 else _ray_checkpoint(out)
         if existing is not None and not resume:
@@ -164,8 +166,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from core_model.checkpoint import CheckpointError, load_checkpoint
-        from core_model.data import DatasetError, pack_dataset, tokenize_dataset
-        from core_model.data import load_text_dataset
+        from core_model.data import DatasetError, load_text_dataset, pack_dataset, tokenize_dataset
         from core_model.trainer import evaluate, resolve_device
 
         _quiet_datasets()
@@ -230,7 +231,7 @@ def _train_ray(model_config, train_config, data, out: Path, workers: int, use_gp
     except RayTrainError as exc:
         raise _fail(str(exc).splitlines()[0], code=1) from exc
     m = result.metrics
-    return {"final": str(result.final_dir), "step": result.step, "workers": workers, "restarts": result.restarts,
+    return {"final": str(result.final_dir), "step": result.step, "workers": workers, "resumes": result.resumes,
             "loss": _r(m.get("loss")), "eval_loss": _r(m.get("eval_loss")), "eval_ppl": _r(m.get("eval_ppl")),
             "fit_s": round(result.fit_seconds, 2)}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_fixtures import ray_local  # noqa: F401  (session-scoped fixture)
 
 from core_model.checkpoint import load_checkpoint
 from core_model.config import ResoLLMConfig
@@ -18,8 +19,6 @@ from core_model.model import ResoLLMModel
 from core_model.train_metrics import read_metrics
 from core_model.trainer import TrainConfig
 from orchestrator.ray_train import FAILURE_MARKER, RayTrainSettings, run_ray_training
-
-from ray_fixtures import ray_local  # noqa: F401  (session-scoped fixture)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LLAMA2_1K = DATA / "guanaco-llama2-1k"
@@ -48,7 +47,7 @@ def _run(bundle, out: Path, fail_at: int | None = None):
 
 
 @pytest.fixture(scope="module")
-def clean_run(ray_local, bundle, tmp_path_factory):
+def clean_run(ray_local, bundle, tmp_path_factory):  # noqa: F811 (fixture imported above)
     out = tmp_path_factory.mktemp("ray") / "clean"
     return _run(bundle, out), out
 
@@ -59,7 +58,7 @@ def _train_rows(out: Path) -> list[dict]:
 
 def test_two_workers_export_a_checkpoint_that_loads_and_generates(clean_run):
     result, out = clean_run
-    assert result.step == TOTAL_STEPS and result.restarts == 0
+    assert result.step == TOTAL_STEPS and result.resumes == 0
     start = read_metrics(out / "metrics.jsonl")[0]
     assert start["event"] == "start" and start["world_size"] == 2
     # reported every LOG_EVERY steps and at checkpoints, not every step
@@ -85,7 +84,7 @@ def test_killed_worker_resumes_from_last_checkpoint(clean_run, bundle, tmp_path)
     resumes = [r for r in rows if r.get("event") == "resume"]
     last_ckpt_before_failure = FAIL_AFTER // CKPT_EVERY * CKPT_EVERY
     assert [r["step"] for r in resumes] == [last_ckpt_before_failure]
-    assert result.restarts == 1 and result.step == TOTAL_STEPS
+    assert result.resumes == 1 and result.step == TOTAL_STEPS
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == sorted(steps) and steps[-1] == TOTAL_STEPS  # the counter continued, never restarted at 0
     after = [r for r in rows[rows.index(resumes[0]):] if "loss" in r]
