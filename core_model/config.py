@@ -91,7 +91,8 @@ class StabilityConfig:
     window: int = 16
     halt_on_instability: bool = False
     min_tokens_before_halt: int = 16
-    lyapunov: bool = True  # run the perturbed twin trajectory (batch row 2) for the Lyapunov estimate
+    lyapunov: bool = True  # run a perturbed twin trajectory for the Lyapunov estimate
+    lyapunov_every: int = 8  # twin catches up (one forward of this many tokens) every N steps
     perturbation: float = 1e-3  # relative size of the twin's prompt perturbation
     entropy_low: float = 0.15  # normalised entropy below which the temperature is raised
     entropy_high: float = 0.85  # ... above which it is lowered
@@ -104,6 +105,7 @@ class StabilityConfig:
         _check(self.window >= 2, f"{prefix}.window", "must be >= 2")
         _check(self.min_tokens_before_halt >= 0, f"{prefix}.min_tokens_before_halt", "must be >= 0")
         _check(self.perturbation > 0, f"{prefix}.perturbation", "must be > 0")
+        _check(self.lyapunov_every >= 1, f"{prefix}.lyapunov_every", "must be >= 1")
         _check(0 <= self.entropy_low < self.entropy_high <= 1, f"{prefix}.entropy_low",
                "must satisfy 0 <= entropy_low < entropy_high <= 1")
         _check(0 < self.temperature_step < 1, f"{prefix}.temperature_step", "must lie in (0, 1)")

@@ -22,6 +22,14 @@ from core_model.primes import first_primes
 from core_model.tokenizer import create_default_tokenizer
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(seed: int = 0, **kw) -> ResoLLMModel:
     torch.manual_seed(seed)
     return ResoLLMModel(ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256, **kw)).eval()

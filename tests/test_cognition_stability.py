@@ -79,17 +79,40 @@ def test_lyapunov_trace_is_real():
     r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=40, seed=1,
                                                                stop_at_eos=False)
     assert len(r.lyapunov_trace) == r.tokens_generated == 40
-    assert r.lyapunov_trace[0] == 0.0 and all(math.isfinite(v) for v in r.lyapunov_trace)
-    assert len(set(r.lyapunov_trace[2:])) > 5 and r.lyapunov == r.lyapunov_trace[-1]
-    assert 0.0 <= model.get_stability() <= 1.0
+    every = model.config.stability.lyapunov_every  # the twin catches up every 8 steps
+    assert r.lyapunov_trace[: 2 * every] == [0.0] * (2 * every)  # first measurement = reference
+    assert len(set(r.lyapunov_trace[2 * every:])) >= 2 and all(math.isfinite(v) for v in r.lyapunov_trace)
+    assert r.lyapunov == r.lyapunov_trace[-1] and 0.0 <= model.get_stability() <= 1.0
+    # measured every step, the estimate moves every step
+    model1 = tiny(stability=StabilityConfig(lyapunov_every=1))
+    r1 = ResoLLMInference(model1, tok, temperature=0.8).generate("Once upon a time", max_length=40, seed=1,
+                                                                 stop_at_eos=False)
+    assert r1.lyapunov_trace[:2] == [0.0, 0.0] and len(set(r1.lyapunov_trace[2:])) > 20
+    assert r1.token_ids == r.token_ids  # the twin never changes the main trajectory
     # switching the twin off removes the estimate (and its cost)
     model2 = tiny(stability=StabilityConfig(lyapunov=False))
     r2 = ResoLLMInference(model2, tok, temperature=0.8).generate("Once upon a time", max_length=10, seed=1)
     assert set(r2.lyapunov_trace) == {0.0}
 
 
+def test_benettin_renormalisation_pulls_the_twin_cache():
+    from core_model.cognition.lyapunov import _pull
+
+    model = tiny()
+    a, b = model.new_cache(1, 16), model.new_cache(1, 16)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]), cache=a)
+        model(torch.tensor([[1, 2, 3, 9]]), cache=b)
+    k_a, k_b = a.layers[-1].k[:, :, :4].clone(), b.layers[-1].k[:, :, :4].clone()
+    _pull(a, b, 0.25)
+    assert torch.allclose(b.layers[-1].k[:, :, :4], k_a + 0.25 * (k_b - k_a), atol=1e-6)
+    _pull(a, b, 0.0)
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.allclose(la.k[:, :, :4], lb.k[:, :, :4]) and torch.allclose(la.v[:, :, :4], lb.v[:, :, :4])
+
+
 def test_growing_divergence_is_chaotic_and_predicted_first():
-    cfg = StabilityConfig(lyapunov_threshold=0.1, predictive_horizon=5, window=16)
+    cfg = StabilityConfig(lyapunov_threshold=0.1, predictive_horizon=5, window=16, lyapunov_every=1)
     mon = PredictiveStability(cfg, vocab_size=263)
     mon.start()
     log_d, labels, rate = -7.0, [], 0.0
@@ -107,7 +130,7 @@ def test_growing_divergence_is_chaotic_and_predicted_first():
 
 
 def test_divergent_and_score():
-    cfg = StabilityConfig()
+    cfg = StabilityConfig(lyapunov_every=1)
     mon = PredictiveStability(cfg, vocab_size=263)
     mon.start()
     mon.observe_distance(float("nan"))

@@ -70,10 +70,10 @@ def test_with_all_cognition_off_the_engine_decodes_like_plain_generate():
     assert r.lyapunov_trace == [] and r.attention_summary == [] and set(r.temperature_trace) == {0.8}
 
 
-def test_the_twin_row_does_not_change_the_main_trajectory():
+def test_the_twin_does_not_change_the_main_trajectory():
     tok = create_default_tokenizer()
     cfg = all_off()
-    cfg["stability"] = StabilityConfig(enabled=True, lyapunov=True, auto_temperature_adjust=False)
+    cfg["stability"] = StabilityConfig(enabled=True, lyapunov=True, auto_temperature_adjust=False, lyapunov_every=2)
     model = tiny(**cfg)
     ids = tok.encode("Once upon a time")
     plain = model.generate([ids], max_new_tokens=30, temperature=0.0, seed=0)[0]

@@ -1,13 +1,8 @@
 """The cognitive decoding loop: cached decoding with stability, agency, PRSC, memory and SR.
 
 One forward per step, as in ``core_model.generation``: prefill ``model(ids, cache=...)``, then
-``model(next_token, cache=...)``. With the Lyapunov estimate on, the batch has a second row: the
-same tokens from a prompt perturbed by ``eps * rms(E) * xi`` (``xi`` unit-variance noise) in the
-input embedding; the relative distance of the two rows' final hidden states gives the local
-exponents (``stability.py``). When it grows 10x past its start, the twin's cache is pulled back
-towards the main row (Benettin renormalisation: ``c' <- c + s (c' - c)``, ``s = d_0 / d``) and
-``ln s`` is accounted for. While stochastic-resonance noise is on, the rows get different noise,
-so exponents are not measured then and the reference distance is re-synchronised afterwards.
+``model(next_token, cache=...)``. The Lyapunov twin (``lyapunov.py``) shares the prefill as a
+second batch row and then catches up every ``lyapunov_every`` steps.
 
 Attention intensity for the foci is the last layer's attention of the latest query over the
 cached keys (captured with a forward pre-hook on that attention module; computed only at the
@@ -16,7 +11,6 @@ agency update steps).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +22,7 @@ from ..attention import apply_rope
 from ..generation import SamplingParams, sample_next
 from .agency import compute_foci, steering_bias
 from .api import ConceptInput, memory_offset, reference_hidden
+from .lyapunov import LyapunovTwin
 from .resonance import StochasticResonance
 from .stability import DIVERGENT, CHAOTIC, PredictiveStability, TemperatureController
 
@@ -92,22 +87,6 @@ def _phase_features(phase: torch.Tensor) -> torch.Tensor:
     return torch.cat([phase.cos(), phase.sin()], -1)
 
 
-def _renormalise(cache, scale: float) -> None:
-    """Pull batch row 1 of every cached tensor towards row 0: ``c1 <- c0 + scale (c1 - c0)``."""
-    L = cache.length
-    for layer in cache.layers:
-        for f in dataclasses.fields(layer):
-            t = getattr(layer, f.name)
-            items = t if isinstance(t, tuple) else (t,)
-            for x in items:
-                if not isinstance(x, torch.Tensor) or not (x.is_floating_point() or x.is_complex()) or x.shape[0] < 2:
-                    continue
-                if x.dim() == 4:  # (B, H, T_max, d): only the filled part
-                    x[1, :, :L] = x[0, :, :L] + scale * (x[1, :, :L] - x[0, :, :L])
-                else:
-                    x[1] = x[0] + scale * (x[1] - x[0])
-
-
 class CognitiveDecoder:
     """Runs one generation against ``model.session`` (see module docstring)."""
 
@@ -145,23 +124,20 @@ class CognitiveDecoder:
         T0 = len(prompt_ids)
         ids = torch.tensor([prompt_ids] * B, device=device)
         offsets = self._offsets(B, concepts.offsets(prompt_ids, 0), mem, T0)
-        if lyap_on:
-            gen = torch.Generator(device="cpu").manual_seed(seed + 7919)
-            xi = torch.randn(T0, model.config.dim, generator=gen).to(device=device, dtype=next(model.parameters()).dtype)
-            scale = cfg.stability.perturbation * float(model.embed.semantic.weight.detach().pow(2).mean().sqrt())
-            base = offsets if offsets is not None else torch.zeros(B, T0, model.config.dim, device=device, dtype=xi.dtype)
-            offsets = base.clone()
-            offsets[1] += scale * xi
         probe = _AttentionProbe(model.blocks[-1].attn) if agency_on else None
         sr = StochasticResonance(cfg.stochastic_resonance, model.blocks, seed + 1)
         was_training = model.training
         model.eval()
         try:
-            cache = model.new_cache(B, T0 + max_new)
-            out = model(ids, cache=cache, input_offsets=offsets, last_only=not agency_on)
             tracker = PredictiveStability(cfg.stability, V)
             tracker.start()
-            log_d0 = None  # first twin distance after the prompt (renormalisation target)
+            twin = LyapunovTwin(model, cfg.stability, tracker) if lyap_on else None
+            if twin is not None:
+                offsets = twin.prefill_offsets(offsets, T0, seed)
+            cache = model.new_cache(B, T0 + max_new)
+            out = model(ids, cache=cache, input_offsets=offsets, last_only=not agency_on)
+            if twin is not None:
+                cache = twin.split(cache)
             controller = TemperatureController(cfg.stability, params.temperature)
             if agency_on:
                 logp = out.logits[0].float().log_softmax(-1)  # (T0, V)
@@ -175,7 +151,6 @@ class CognitiveDecoder:
             generator = torch.Generator(device=device).manual_seed(seed)
             history = torch.tensor([prompt_ids], device=device) if params.repetition_penalty != 1.0 else None
             boundary_ids = self._boundary_ids() if goals else None
-            noise_since_measure = False
             context = list(prompt_ids)
             for step in range(max_new):
                 raw = out.logits[0, -1].float()
@@ -214,7 +189,6 @@ class CognitiveDecoder:
                 trace.repetition.append(rep)
                 noise = sr.update(rep)
                 trace.noise_steps += int(noise)
-                noise_since_measure |= noise
                 if history is not None:
                     history = torch.cat([history, torch.tensor([[nxt]], device=device)], dim=1)
                 if agency_on:
@@ -228,23 +202,11 @@ class CognitiveDecoder:
                     last = True
                 if last:
                     break
-                inp = torch.tensor([[nxt]] * B, device=device)
-                out = model(inp, cache=cache, input_offsets=self._offsets(B, concepts.offsets(context, len(context) - 1),
-                                                                          mem, 1))
-                if lyap_on:
-                    log_d = self._log_distance(out.hidden)
-                    if noise_since_measure:
-                        tracker.resync(log_d)
-                        noise_since_measure = noise
-                    else:
-                        rescale = 0.0
-                        if log_d0 is None and log_d is not None and math.isfinite(log_d):
-                            log_d0 = log_d
-                        elif log_d is not None and log_d0 is not None and log_d - log_d0 > math.log(10.0):
-                            s = math.exp(log_d0 - log_d)
-                            _renormalise(cache, s)
-                            rescale = math.log(s)
-                        tracker.observe_distance(log_d, rescale)
+                inp = torch.tensor([[nxt]], device=device)
+                step_offset = self._offsets(1, concepts.offsets(context, len(context) - 1), mem, 1)
+                out = model(inp, cache=cache, input_offsets=step_offset)
+                if twin is not None:
+                    twin.step(nxt, step_offset, cache, out.hidden[0, -1], noise)
                 if agency_on:
                     h = out.hidden[0, -1].float()
                     hidden_rows.append(h[None])
@@ -284,14 +246,6 @@ class CognitiveDecoder:
         if concept is not None and mem is not None:
             off = off + mem
         return off.unsqueeze(0).expand(B, -1, -1)
-
-    @staticmethod
-    def _log_distance(hidden: torch.Tensor) -> float | None:
-        h0, h1 = hidden[0, -1].float(), hidden[1, -1].float()
-        d = float((h1 - h0).norm() / h0.norm().clamp(min=1e-12))
-        if not math.isfinite(d):
-            return float("nan")
-        return math.log(max(d, 1e-12))
 
     def _boundary_ids(self) -> frozenset[int]:
         cached = self.session.derived("boundary_ids")

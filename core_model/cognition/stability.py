@@ -1,15 +1,15 @@
 """Predictive stability: entropy, a finite-time Lyapunov estimate, cycle detection, control.
 
-Per decoding step ``t`` the engine reports
+Per decoding step ``t`` the engine reports ``H_t``, the entropy of the sampling distribution
+(nats, normalised ``h_t = H_t / ln V``), and every ``N = lyapunov_every`` steps ``d_t``, the
+relative distance ``|h'_t - h_t| / |h_t|`` between the final hidden states of the trajectory
+and of a twin that started from a perturbed prompt and reads the same tokens.
 
-* ``H_t``: entropy of the sampling distribution (nats), normalised ``h_t = H_t / ln V``;
-* ``d_t``: the relative distance ``|h'_t - h_t| / |h_t|`` between the final hidden states of
-  the trajectory and of a twin started from a perturbed prompt (same tokens, batch row 2).
-
-The local exponent is ``l_t = ln d_t - ln d_{t-1}`` (per step, from the first generated token
-on; Benettin renormalisation of the twin keeps ``d`` small, the rescaling is accounted for), and
-the finite-time Lyapunov exponent is the mean of ``l`` over the last ``window`` steps, i.e. the
-slope of ``ln d``. Before the first exponent the estimate is 0.
+The local exponent is ``l = (ln d_t - ln d_{t-N}) / N`` per step (Benettin renormalisation of
+the twin keeps ``d`` small; the rescaling is accounted for). The finite-time Lyapunov exponent
+is the mean of the local exponents over the last ``window`` steps, i.e. the slope of ``ln d``.
+The first measurement only sets the reference (the step from the directly perturbed prompt
+to unperturbed tokens is not dynamics), so the estimate is 0 for the first ``2 N`` steps.
 
 Classes (first that applies): ``divergent`` (non-finite values, or ``lambda > 10 * threshold``),
 ``periodic`` (the last ``window`` tokens repeat with a period ``p <= window / 2``),
@@ -115,10 +115,13 @@ class PredictiveStability:
         self.config = config
         self.log_v = math.log(vocab_size)
         self.state = state or StabilityState()
-        self.exponents: deque[float] = deque(self.state.local_exponents, maxlen=config.window)
+        # one exponent per measurement; the estimate averages the ones covering the last ``window`` steps
+        self.span = max(1, math.ceil(config.window / config.lyapunov_every))
+        self.exponents: deque[float] = deque(self.state.local_exponents, maxlen=max(config.window, 4))
         self.warnings: list[str] = []
         self._log_d: float | None = None
         self._nonfinite = False
+        self._slope, self._slope_at = 0.0, (0, 0.0)
 
     # --- feeding ------------------------------------------------------------------------
     def start(self) -> None:
@@ -129,14 +132,15 @@ class PredictiveStability:
         self.warnings = []
         self._nonfinite = False
 
-    def observe_distance(self, log_distance: float | None, rescale_log: float = 0.0) -> None:
-        """Twin distance after this step; ``rescale_log`` = ln of a renormalisation applied since."""
+    def observe_distance(self, log_distance: float | None, rescale_log: float = 0.0, steps: int = 1) -> None:
+        """Twin distance ``steps`` steps after the previous one; ``rescale_log`` = ln of the
+        renormalisation applied right after this measurement."""
         if log_distance is None or not math.isfinite(log_distance):
             if log_distance is not None:
                 self._nonfinite = True
             return
         if self._log_d is not None:
-            self.exponents.append(log_distance - self._log_d)
+            self.exponents.append((log_distance - self._log_d) / steps)
         self._log_d = log_distance + rescale_log
 
     def resync(self, log_distance: float | None) -> None:
@@ -149,7 +153,7 @@ class PredictiveStability:
         if not finite or not math.isfinite(entropy):
             self._nonfinite = True
         s.entropy_norm = entropy / self.log_v if math.isfinite(entropy) else None
-        s.lyapunov = float(np.mean(self.exponents)) if self.exponents else 0.0
+        s.lyapunov = float(np.mean(list(self.exponents)[-self.span:])) if self.exponents else 0.0
         s.local_exponents = list(self.exponents)
         s.period = detect_period(tokens, c.window)
         previous = s.label
@@ -164,21 +168,26 @@ class PredictiveStability:
         if s.label != previous and s.label != STABLE:
             detail = f" (period {s.period})" if s.label == PERIODIC else f" (lyapunov {s.lyapunov:.4f})"
             self.warnings.append(f"step {step}: generation became {s.label}{detail}")
-        predicted = self._forecast() > c.lyapunov_threshold and s.label == STABLE
+        forecast = self._forecast()
+        predicted = forecast > c.lyapunov_threshold and s.label == STABLE
         if predicted and not s.predicted_unstable:
             self.warnings.append(f"step {step}: instability predicted within {c.predictive_horizon} steps "
-                                 f"(lyapunov forecast {self._forecast():.4f} > {c.lyapunov_threshold})")
+                                 f"(lyapunov forecast {forecast:.4f} > {c.lyapunov_threshold})")
         s.predicted_unstable = predicted
         return s
 
     def _forecast(self) -> float:
-        """Linear extrapolation of the running exponent ``predictive_horizon`` steps ahead."""
-        ex = np.asarray(self.exponents)
-        if len(ex) < max(4, self.config.window // 2):  # too few exponents for a trend
+        """Linear trend of the local exponents, extrapolated ``predictive_horizon`` steps ahead."""
+        n = len(self.exponents)
+        if n < 4:  # too few measurements for a trend
             return self.state.lyapunov
-        running = np.cumsum(ex) / np.arange(1, len(ex) + 1)
-        slope = np.polyfit(np.arange(len(running)), running, 1)[0]
-        return float(running[-1] + slope * self.config.predictive_horizon)
+        if self._slope_at != (n, self.exponents[-1]):  # least-squares slope, recomputed per new exponent
+            x = np.arange(n, dtype=np.float64) * self.config.lyapunov_every
+            y = np.fromiter(self.exponents, dtype=np.float64, count=n)
+            xc = x - x.mean()
+            self._slope = float(np.dot(xc, y - y.mean()) / np.dot(xc, xc))  # change of the exponent per step
+            self._slope_at = (n, self.exponents[-1])
+        return float(self.state.lyapunov + self._slope * self.config.predictive_horizon)
 
     # --- reading ------------------------------------------------------------------------
     @property

@@ -1,0 +1,198 @@
+"""Cost and effect of inference-time cognition, from one run.
+
+1. Cached decode speed (tokens/s) of the seed's small preset (4 x 256, untrained) with
+   ResoLLMInference: every cognition component off, every component on (stability with the
+   Lyapunov twin, a goal steering, PRSC concepts occurring in the prompt, memory conditioning,
+   stochastic resonance armed), and on without the Lyapunov twin; plain
+   ``core_model.generation.generate`` as the reference. Runs are interleaved; medians.
+2. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
+   byte tokenizer, inside this script): share of repeated 4-grams of the generations with SR off
+   and on at the same fixed temperature, next to the same statistic of real text, and the mean
+   log-likelihood of the generated text under the noise-free model.
+
+    python benchmarks/cognition.py            # about 3-5 minutes on 2 CPU cores
+    python benchmarks/cognition.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from core_model.cognition.resonance import repeated_ngram_share
+from core_model.config import (
+    AgencyConfig, PRSCConfig, ResoLLMConfig, StabilityConfig, StochasticResonanceConfig, TemporalSMFConfig,
+    small_config,
+)
+from core_model.inference import ResoLLMInference
+from core_model.model import ResoLLMModel
+from core_model.tokenizer import create_default_tokenizer
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+PROMPT = "Explain how mathematics and logic help us reason about the world."
+
+
+def variant(cfg: ResoLLMConfig, **subs) -> ResoLLMConfig:
+    """A copy of ``cfg`` with sub-configs replaced (same network, other cognition switches)."""
+    return dataclasses.replace(cfg, **subs)
+
+
+def all_off(cfg: ResoLLMConfig) -> ResoLLMConfig:
+    return variant(cfg, agency=AgencyConfig(enabled=False), prsc=PRSCConfig(enabled=False),
+                   temporal_smf=TemporalSMFConfig(enabled=False), stability=StabilityConfig(enabled=False),
+                   stochastic_resonance=StochasticResonanceConfig(enabled=False))
+
+
+def all_on(cfg: ResoLLMConfig, lyapunov: bool = True) -> ResoLLMConfig:
+    return variant(cfg, agency=AgencyConfig(), prsc=PRSCConfig(), temporal_smf=TemporalSMFConfig(),
+                   stability=StabilityConfig(lyapunov=lyapunov),
+                   stochastic_resonance=StochasticResonanceConfig(enabled=True))
+
+
+def prepare_session(model, tok) -> None:
+    model.reset_cognition()
+    model.bind_concept("mathematics", token_ids=tok.encode("mathematics"))
+    model.bind_concept("logic", token_ids=tok.encode("logic"))
+    model.update_memory("Reasoning needs careful definitions.", importance=1.0)
+    model.update_memory("Logic studies valid inference.", importance=0.5)
+    model.create_goal("explain reasoning with clear examples")
+
+
+def speed(args) -> list[tuple[str, float, float]]:
+    tok = create_default_tokenizer()
+    torch.manual_seed(0)
+    base = small_config()
+    model = ResoLLMModel(base).eval()
+    ids = tok.encode(PROMPT)
+    n = args.tokens
+
+    def plain() -> float:
+        t = time.perf_counter()
+        out = model.generate([ids], max_new_tokens=n, temperature=0.8, seed=0)[0]
+        return len(out) / (time.perf_counter() - t)
+
+    def engine(cfg: ResoLLMConfig, cognition: bool):
+        def run() -> float:
+            eng = ResoLLMInference(model, tok, cfg, temperature=0.8)
+            if cognition:
+                prepare_session(model, tok)
+            else:
+                model.reset_cognition()
+            t = time.perf_counter()
+            r = eng.generate(PROMPT, max_length=n, seed=0, stop_at_eos=False)
+            return r.tokens_generated / (time.perf_counter() - t)
+        return run
+
+    runs = {"plain generate (reference)": plain, "engine, all cognition off": engine(all_off(base), False),
+            "engine, all cognition on": engine(all_on(base), True),
+            "engine, all on but Lyapunov twin": engine(all_on(base, lyapunov=False), True)}
+    samples = {k: [] for k in runs}
+    for f in runs.values():  # warm-up
+        f()
+    for _ in range(args.repeats):
+        for k, f in runs.items():  # interleaved
+            samples[k].append(f())
+    off = statistics.median(samples["engine, all cognition off"])
+    return [(k, statistics.median(v), statistics.median(v) / off - 1) for k, v in samples.items()]
+
+
+def train_tiny(args, tok) -> ResoLLMModel:
+    text = DATA.read_text()
+    data = torch.tensor(tok.encode(text[: 400_000]), dtype=torch.long)
+    torch.manual_seed(0)
+    cfg = ResoLLMConfig(vocab_size=tok.vocab_size, dim=128, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256)
+    model = ResoLLMModel(cfg)
+    opt = torch.optim.AdamW(model.optimizer_param_groups(0.1), lr=3e-3, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(0)
+    T, B = 64, 16
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(args.train_steps):
+        lr = 3e-3 * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.train_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, len(data) - T - 1, (B,), generator=g)
+        x = torch.stack([data[s:s + T] for s in starts])
+        y = torch.stack([data[s + 1:s + T + 1] for s in starts])
+        loss = model(x, y).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.eval()
+    print(f"trained {args.train_steps} steps in {time.perf_counter() - t0:.0f}s, final train loss {loss.item():.3f}")
+    return model
+
+
+def repetition(args) -> tuple[list[tuple[str, float, float, float]], float]:
+    tok = create_default_tokenizer()
+    model = train_tiny(args, tok)
+    text = DATA.read_text()
+    held_out = text[-60_000:]
+    lines = [l for l in held_out.splitlines() if len(l) > 30][: args.prompts]
+    real = statistics.mean(repeated_ngram_share(tok.encode(held_out[i * 997: i * 997 + args.gen_tokens]))
+                           for i in range(20))
+    fixed = StabilityConfig(enabled=True, auto_temperature_adjust=False, lyapunov=False)
+    off = all_off(model.config)
+    rows = []
+    for temp in args.temperatures:
+        for label, sr in (("SR off", StochasticResonanceConfig(enabled=False)),
+                          ("SR on (A=0.1, default)", StochasticResonanceConfig(enabled=True)),
+                          ("SR on (A=1.0)", StochasticResonanceConfig(enabled=True, noise_amplitude=1.0))):
+            cfg = variant(off, stability=fixed, stochastic_resonance=sr)
+            reps, lls, noisy = [], [], []
+            for i, line in enumerate(lines):
+                eng = ResoLLMInference(model, tok, cfg, temperature=temp)
+                model.reset_cognition()
+                r = eng.generate(line, max_length=args.gen_tokens, seed=i, stop_at_eos=False)
+                reps.append(repeated_ngram_share(r.token_ids))
+                noisy.append(r.noise_steps / max(1, r.tokens_generated))
+                ids = torch.tensor([tok.encode(line) + r.token_ids])
+                with torch.no_grad():
+                    lp = model(ids).logits[0, :-1].float().log_softmax(-1)
+                    tgt = ids[0, 1:]
+                    ll = lp.gather(1, tgt[:, None])[-len(r.token_ids):].mean()
+                lls.append(float(ll))
+            rows.append((f"T={temp:g}  {label}", statistics.mean(reps), statistics.mean(noisy), statistics.mean(lls)))
+    return rows, real
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--gen-tokens", type=int, default=200)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.6])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings on a shared CPU)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.repeats, args.train_steps, args.prompts, args.gen_tokens = 32, 2, 30, 2, 60
+    torch.set_num_threads(args.threads)
+
+    rows = speed(args)
+    print(f"\nDecode speed, small preset (4 x 256), {args.tokens} new tokens, median of {args.repeats}, "
+          f"{args.threads} thread(s)")
+    print(f"{'configuration':40s} {'tokens/s':>9s} {'vs all off':>11s}")
+    for name, tps, rel in rows:
+        print(f"{name:40s} {tps:9.1f} {rel:+10.1%}")
+
+    rep, real = repetition(args)
+    print(f"\nStochastic resonance on a briefly trained model ({args.train_steps} steps), {args.prompts} prompts x "
+          f"{args.gen_tokens} tokens, fixed temperature")
+    print(f"{'setting':32s} {'repeated 4-grams':>17s} {'noisy steps':>12s} {'mean log-lik':>13s}")
+    for name, r, noisy, ll in rep:
+        print(f"{name:32s} {r:17.3f} {noisy:12.1%} {ll:13.3f}")
+    print(f"{'real text (held-out windows)':32s} {real:17.3f}")
+
+
+if __name__ == "__main__":
+    main()
