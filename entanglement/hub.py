@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import msgpack
 import zmq
@@ -306,7 +306,7 @@ class BusHub:
 
     def _publish(self, msg: StateUpdate, publisher: zmq.Socket, delete: bool) -> None:
         self._seq += 1
-        stamped = replace(msg, seq=self._seq, epoch=self.epoch)
+        stamped = StateUpdate(msg.key, msg.agent, msg.payload, self._seq, self.epoch, msg.timestamp)
         body = encode_body(stamped)
         if delete:
             self._map.pop(msg.key, None)
