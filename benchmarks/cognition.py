@@ -1,6 +1,7 @@
 """Cost and effect of inference-time cognition, from one run.
 
-1. Cached decode speed (tokens/s) of the seed's small preset (4 x 256, untrained) with
+1. Cached decode speed (tokens/s, wall clock and per CPU-second of this single-threaded
+   process: the CPU figure is the steadier one on a shared machine) of the seed's small preset (4 x 256, untrained) with
    ResoLLMInference: every cognition component off, every component on (stability with the
    Lyapunov twin, a goal steering, PRSC concepts occurring in the prompt, memory conditioning,
    stochastic resonance armed), and on without the Lyapunov twin; plain
@@ -72,21 +73,22 @@ def speed(args) -> list[tuple[str, float, float]]:
     ids = tok.encode(PROMPT)
     n = args.tokens
 
-    def plain() -> float:
-        t = time.perf_counter()
+    def plain() -> tuple[float, float]:
+        w, c = time.perf_counter(), time.process_time()
         out = model.generate([ids], max_new_tokens=n, temperature=0.8, seed=0)[0]
-        return len(out) / (time.perf_counter() - t)
+        return len(out) / (time.perf_counter() - w), len(out) / (time.process_time() - c)
 
     def engine(cfg: ResoLLMConfig, cognition: bool):
-        def run() -> float:
-            eng = ResoLLMInference(model, tok, cfg, temperature=0.8)
+        def run() -> tuple[float, float]:
+            ResoLLMInference(model, tok, all_on(base))  # the session setup needs the components on
             if cognition:
                 prepare_session(model, tok)
             else:
                 model.reset_cognition()
-            t = time.perf_counter()
+            eng = ResoLLMInference(model, tok, cfg, temperature=0.8)
+            w, c = time.perf_counter(), time.process_time()
             r = eng.generate(PROMPT, max_length=n, seed=0, stop_at_eos=False)
-            return r.tokens_generated / (time.perf_counter() - t)
+            return r.tokens_generated / (time.perf_counter() - w), r.tokens_generated / (time.process_time() - c)
         return run
 
     runs = {"plain generate (reference)": plain, "engine, all cognition off": engine(all_off(base), False),
@@ -98,8 +100,11 @@ def speed(args) -> list[tuple[str, float, float]]:
     for _ in range(args.repeats):
         for k, f in runs.items():  # interleaved
             samples[k].append(f())
-    off = statistics.median(samples["engine, all cognition off"])
-    return [(k, statistics.median(v), statistics.median(v) / off - 1) for k, v in samples.items()]
+    def med(k: str, i: int) -> float:
+        return statistics.median(s[i] for s in samples[k])
+
+    off_wall, off_cpu = med("engine, all cognition off", 0), med("engine, all cognition off", 1)
+    return [(k, med(k, 0), med(k, 0) / off_wall - 1, med(k, 1), med(k, 1) / off_cpu - 1) for k in samples]
 
 
 def train_tiny(args, tok) -> ResoLLMModel:
@@ -142,9 +147,11 @@ def repetition(args) -> tuple[list[tuple[str, float, float, float]], float]:
     off = all_off(model.config)
     rows = []
     for temp in args.temperatures:
-        for label, sr in (("SR off", StochasticResonanceConfig(enabled=False)),
-                          ("SR on (A=0.1, default)", StochasticResonanceConfig(enabled=True)),
-                          ("SR on (A=1.0)", StochasticResonanceConfig(enabled=True, noise_amplitude=1.0))):
+        settings = [("SR off", StochasticResonanceConfig(enabled=False)),
+                    ("SR on (A=0.1, default)", StochasticResonanceConfig(enabled=True))]
+        settings += [(f"SR on (A={a:g})", StochasticResonanceConfig(enabled=True, noise_amplitude=a))
+                     for a in (1.0, 3.0)]
+        for label, sr in settings:
             cfg = variant(off, stability=fixed, stochastic_resonance=sr)
             reps, lls, noisy = [], [], []
             for i, line in enumerate(lines):
@@ -166,11 +173,11 @@ def repetition(args) -> tuple[list[tuple[str, float, float, float]], float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--gen-tokens", type=int, default=200)
-    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.6])
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.4])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings on a shared CPU)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -181,9 +188,9 @@ def main() -> None:
     rows = speed(args)
     print(f"\nDecode speed, small preset (4 x 256), {args.tokens} new tokens, median of {args.repeats}, "
           f"{args.threads} thread(s)")
-    print(f"{'configuration':40s} {'tokens/s':>9s} {'vs all off':>11s}")
-    for name, tps, rel in rows:
-        print(f"{name:40s} {tps:9.1f} {rel:+10.1%}")
+    print(f"{'configuration':36s} {'wall tok/s':>10s} {'vs off':>8s} {'CPU tok/s':>10s} {'vs off':>8s}")
+    for name, wall, rel_wall, cpu, rel_cpu in rows:
+        print(f"{name:36s} {wall:10.1f} {rel_wall:+8.1%} {cpu:10.1f} {rel_cpu:+8.1%}")
 
     rep, real = repetition(args)
     print(f"\nStochastic resonance on a briefly trained model ({args.train_steps} steps), {args.prompts} prompts x "

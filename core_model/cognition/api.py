@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .agency import ACTIVE, AttentionFocus, Goal, content_words
+from .agency import AttentionFocus, Goal, content_words
 from .errors import CognitionError
 from .memory import Moment, Recollection
 from .prsc import ConceptBinding
@@ -259,4 +259,4 @@ class CognitionMixin:
         return self.recall_memory(query, k)
 
 
-__all__ = ["CognitionMixin", "encode_text", "memory_state", "ConceptInput", "memory_offset", "ACTIVE"]
+__all__ = ["CognitionMixin", "ConceptInput", "encode_text", "memory_offset", "memory_state", "reference_hidden"]

@@ -42,6 +42,20 @@ class DecodeTrace:
     elapsed_ms: float = 0.0
 
 
+def _logsumexp(z: np.ndarray) -> float:
+    m = float(z.max())
+    return m + math.log(float(np.exp(z - m).sum()))
+
+
+def _entropy(z: np.ndarray) -> float:
+    """``H = -sum p ln p`` of ``softmax(z)``: ``logsumexp(z) - sum p z`` (nan if z is not finite)."""
+    if not np.isfinite(z).all():
+        return float("nan")
+    e = np.exp(z - z.max())
+    s = float(e.sum())
+    return math.log(s) + float(z.max()) - float(np.dot(e, z)) / s
+
+
 class _AttentionProbe:
     """Keeps the inputs of the last attention module's latest call (references only)."""
 
@@ -163,22 +177,16 @@ class CognitiveDecoder:
                         idx = torch.tensor(list(bias), device=device)
                         logits[idx] += torch.tensor(list(bias.values()), device=device)
                 temp = controller.temperature if stab_on else params.temperature
-                lp = (logits / temp if temp > 0 else logits).log_softmax(-1)
-                stats = [-(lp.exp() * lp).sum()]
                 nxt = int(sample_next(logits[None], params, generator, history, temperature=temp)[0])
-                if agency_on:
-                    stats.append(-raw.log_softmax(-1)[nxt])
+                z = logits.detach().cpu().numpy().astype(np.float64)  # numpy: a few us for V floats
+                entropy = _entropy(z / temp if temp > 0 else z)
                 coh = out.coherence
-                if coh is not None:
-                    stats.append(coh[0, -1])
-                vals = torch.stack([s.float() for s in stats]).tolist()
-                entropy = vals[0]
                 trace.tokens.append(nxt)
                 context.append(nxt)
                 trace.entropy.append(entropy)
                 trace.temperature.append(temp)
                 if coh is not None:
-                    trace.coherence.append(vals[-1])
+                    trace.coherence.append(float(coh[0, -1]))
                 if stab_on:
                     state = tracker.observe(step, entropy, trace.tokens, finite=math.isfinite(entropy))
                     trace.lyapunov.append(state.lyapunov)
@@ -192,7 +200,8 @@ class CognitiveDecoder:
                 if history is not None:
                     history = torch.cat([history, torch.tensor([[nxt]], device=device)], dim=1)
                 if agency_on:
-                    surprisal.append(vals[1])
+                    r = z if logits is raw else raw.cpu().numpy().astype(np.float64)
+                    surprisal.append(_logsumexp(r) - float(r[nxt]))
                     pieces.append(self.tok.decode([nxt]))
                 last = step == max_new - 1 or nxt in stop_ids
                 if stab_on and halt and step + 1 >= cfg.stability.min_tokens_before_halt \
