@@ -3,8 +3,8 @@
 1. Cached decode speed (tokens/s, wall clock and per CPU-second of this single-threaded
    process: the CPU figure is the steadier one on a shared machine) of the seed's small preset (4 x 256, untrained) with
    ResoLLMInference: every cognition component off, every component on (stability with the
-   Lyapunov twin, a goal steering, PRSC concepts occurring in the prompt, memory conditioning,
-   stochastic resonance armed), and on without the Lyapunov twin; plain
+   Lyapunov twin catching up every 8 or every 32 steps, a goal steering, PRSC concepts occurring
+   in the prompt, memory conditioning, stochastic resonance armed), and on without the twin; plain
    ``core_model.generation.generate`` as the reference. Runs are interleaved; medians.
 2. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
    byte tokenizer, inside this script): share of repeated 4-grams of the generations with SR off
@@ -50,9 +50,9 @@ def all_off(cfg: ResoLLMConfig) -> ResoLLMConfig:
                    stochastic_resonance=StochasticResonanceConfig(enabled=False))
 
 
-def all_on(cfg: ResoLLMConfig, lyapunov: bool = True) -> ResoLLMConfig:
+def all_on(cfg: ResoLLMConfig, lyapunov: bool = True, every: int = 8) -> ResoLLMConfig:
     return variant(cfg, agency=AgencyConfig(), prsc=PRSCConfig(), temporal_smf=TemporalSMFConfig(),
-                   stability=StabilityConfig(lyapunov=lyapunov),
+                   stability=StabilityConfig(lyapunov=lyapunov, lyapunov_every=every),
                    stochastic_resonance=StochasticResonanceConfig(enabled=True))
 
 
@@ -92,7 +92,8 @@ def speed(args) -> list[tuple[str, float, float]]:
         return run
 
     runs = {"plain generate (reference)": plain, "engine, all cognition off": engine(all_off(base), False),
-            "engine, all cognition on": engine(all_on(base), True),
+            "engine, all on (twin every 8, default)": engine(all_on(base), True),
+            "engine, all on (twin every 32)": engine(all_on(base, every=32), True),
             "engine, all on but Lyapunov twin": engine(all_on(base, lyapunov=False), True)}
     samples = {k: [] for k in runs}
     for f in runs.values():  # warm-up
@@ -188,9 +189,9 @@ def main() -> None:
     rows = speed(args)
     print(f"\nDecode speed, small preset (4 x 256), {args.tokens} new tokens, median of {args.repeats}, "
           f"{args.threads} thread(s)")
-    print(f"{'configuration':36s} {'wall tok/s':>10s} {'vs off':>8s} {'CPU tok/s':>10s} {'vs off':>8s}")
+    print(f"{'configuration':40s} {'wall tok/s':>10s} {'vs off':>8s} {'CPU tok/s':>10s} {'vs off':>8s}")
     for name, wall, rel_wall, cpu, rel_cpu in rows:
-        print(f"{name:36s} {wall:10.1f} {rel_wall:+8.1%} {cpu:10.1f} {rel_cpu:+8.1%}")
+        print(f"{name:40s} {wall:10.1f} {rel_wall:+8.1%} {cpu:10.1f} {rel_cpu:+8.1%}")
 
     rep, real = repetition(args)
     print(f"\nStochastic resonance on a briefly trained model ({args.train_steps} steps), {args.prompts} prompts x "
