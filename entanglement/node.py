@@ -45,11 +45,11 @@ from entanglement.message import (
     pack,
     unpack,
 )
+from entanglement.replica import Replica, UpdateCallback
 from entanglement.security import NodeCredentials, SecurityError
 
 log = logging.getLogger(__name__)
 
-UpdateCallback = Callable[[StateUpdate], None]
 _DRAIN = 1000
 
 
@@ -75,6 +75,7 @@ class NodeCounters:
     resyncs: int = 0  # snapshot requests after the first
     hub_timeouts: int = 0  # hub silent for hub_timeout: sockets re-made
     callback_errors: int = 0  # exceptions raised by on_update callbacks (logged)
+    # (node.counters returns a copy; callback_errors is filled in from the replica)
 
 
 class BusNode:
@@ -107,14 +108,9 @@ class BusNode:
         self._credentials = credentials if config.security == "curve" else None
         self._own_context = context is None
         self.context = context or zmq.Context()
-        self.counters = NodeCounters()
-        self._lock = threading.Condition()
+        self._counters = NodeCounters()
         self._state = NodeState.CONNECTING
-        self._map: dict[str, StateUpdate] = {}
-        self._by_agent: dict[str, dict[str, StateUpdate]] = {}
-        self._seq = 0
-        self._epoch = 0
-        self._callbacks: list[UpdateCallback] = [on_update] if on_update is not None else []
+        self._replica = Replica(f"node {agent_id!r}", [on_update] if on_update else [])
         self.error: BaseException | None = None
         # Thread-side bookkeeping (touched only by the node thread).
         self._own: dict[str, bytes] = {}
@@ -170,30 +166,33 @@ class BusNode:
 
     def latest(self, agent_id: str) -> dict[str, StateUpdate]:
         """The latest value of each of `agent_id`'s keys, by name (``phase``, ``sedenion``...)."""
-        with self._lock:
-            return dict(self._by_agent.get(agent_id, {}))
+        return self._replica.latest(agent_id)
 
     def state(self) -> dict[str, StateUpdate]:
         """A copy of the whole replicated map (key -> update)."""
-        with self._lock:
-            return dict(self._map)
+        return self._replica.state()
 
     def peers(self, include_self: bool = False) -> set[str]:
         """Agents that currently have at least one key on the bus."""
-        with self._lock:
-            agents = set(self._by_agent)
+        agents = self._replica.agents()
         if not include_self:
             agents.discard(self.agent_id)
         return agents
 
     @property
+    def counters(self) -> NodeCounters:
+        """A snapshot of the node's counters."""
+        return replace(self._counters, callback_errors=self._replica.callback_errors)
+
+    @property
     def seq(self) -> int:
         """The hub sequence number the local map reflects."""
-        return self._seq
+        return self._replica.seq
 
     @property
     def epoch(self) -> int:
-        return self._epoch
+        """The hub instance the local map comes from."""
+        return self._replica.epoch
 
     @property
     def node_state(self) -> NodeState:
@@ -205,20 +204,14 @@ class BusNode:
 
     def on_update(self, callback: UpdateCallback) -> None:
         """Call `callback(update)` in the node thread for every applied change (deletions have
-        payload None). Exceptions are logged and counted, never propagated."""
-        with self._lock:
-            self._callbacks.append(callback)
+        payload None). Exceptions are logged and counted, never propagated. Pass `on_update`
+        to the constructor instead to also see the very first snapshot."""
+        self._replica.add_callback(callback)
 
     def wait_for(self, predicate: Callable[[BusNode], bool], timeout: float) -> bool:
         """Block until `predicate(self)` holds (checked on every change) or `timeout` passes."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while not predicate(self):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._state is NodeState.CLOSED:
-                    return predicate(self)
-                self._lock.wait(min(left, 0.05))
-        return True
+        return self._replica.wait(lambda: predicate(self), timeout,
+                                  give_up=lambda: self._state is NodeState.CLOSED)
 
     def wait_active(self, timeout: float = 5.0) -> bool:
         return self.wait_for(lambda n: n.node_state is NodeState.ACTIVE, timeout)
@@ -250,10 +243,10 @@ class BusNode:
         try:
             self._push.send(body, zmq.NOBLOCK)
         except zmq.Again:
-            self.counters.dropped += 1
+            self._counters.dropped += 1
             return False
         if count:
-            self.counters.sent += 1
+            self._counters.sent += 1
         return True
 
     # -- node thread ------------------------------------------------------------------------
@@ -280,9 +273,7 @@ class BusNode:
             for sock in (self._sub, self._dealer, self._pipe_in):
                 if sock is not None:
                     sock.close(linger=0)
-            with self._lock:
-                self._state = NodeState.CLOSED
-                self._lock.notify_all()
+            self._set_state(NodeState.CLOSED)
 
     def _loop(self) -> None:
         self._connect()
@@ -319,7 +310,7 @@ class BusNode:
             return
         if now - self._last_hub > self.config.hub_timeout:
             log.debug("node %r: hub silent for %.2fs, reconnecting", self.agent_id, now - self._last_hub)
-            self.counters.hub_timeouts += 1
+            self._counters.hub_timeouts += 1
             self._connect()
         elif self._state is NodeState.SYNCING and now - self._request_sent > self.config.snapshot_timeout:
             log.debug("node %r: no snapshot within %.2fs, reconnecting", self.agent_id,
@@ -349,7 +340,7 @@ class BusNode:
     def _request_snapshot(self) -> None:
         """Ask for a snapshot on the current DEALER; SUB traffic is queued meanwhile."""
         if self._request_id > 0:
-            self.counters.resyncs += 1
+            self._counters.resyncs += 1
         self._request_id += 1
         self._snapshot_items = {}
         request = make_update(self.agent_id, SNAPSHOT_REQUEST,
@@ -360,7 +351,7 @@ class BusNode:
         self._set_state(NodeState.SYNCING)
 
     def _on_sub(self, frames: list[bytes]) -> None:
-        self.counters.received += 1
+        self._counters.received += 1
         self._last_hub = time.monotonic()
         try:
             if len(frames) != 2:
@@ -368,15 +359,17 @@ class BusNode:
             msg = unpack(frames[1], self.config.limits)
             if frames[0] != msg.key.encode():
                 raise MalformedMessage("topic frame does not match the key")
+            if msg.is_control and msg.key != HUB_HEARTBEAT:
+                raise MalformedMessage(f"control key {msg.key!r} does not belong on PUB")
         except MalformedMessage as exc:
-            self.counters.malformed += 1
+            self._counters.malformed += 1
             log.debug("node %r: dropped malformed update: %s", self.agent_id, exc)
             return
         if self._state is NodeState.SYNCING:
             if msg.key != HUB_HEARTBEAT:
                 self._pending.append(msg)
                 if len(self._pending) > self.config.hwm:  # snapshot far behind: start over
-                    self.counters.dropped += len(self._pending)
+                    self._counters.dropped += len(self._pending)
                     self._pending = []
                     self._request_snapshot()
             return
@@ -385,34 +378,34 @@ class BusNode:
 
     def _sequence(self, msg: StateUpdate) -> None:
         """Apply `msg` if it is the next in sequence; otherwise drop it or re-sync."""
-        if msg.epoch != self._epoch:
+        if msg.epoch != self._replica.epoch:
             log.debug("node %r: hub epoch changed, re-syncing", self.agent_id)
             self._pending = [msg]
             self._request_snapshot()
             return
         if msg.key == HUB_HEARTBEAT:
-            if msg.seq > self._seq:  # updates were lost at the tail
-                self.counters.gaps += 1
+            if msg.seq > self._replica.seq:  # updates were lost at the tail
+                self._counters.gaps += 1
                 self._request_snapshot()
             return
-        if msg.seq <= self._seq:
-            self.counters.dropped += 1
+        if msg.seq <= self._replica.seq:
+            self._counters.dropped += 1
             return
-        if msg.seq > self._seq + 1:
-            self.counters.gaps += 1
-            log.debug("node %r: gap %d -> %d, re-syncing", self.agent_id, self._seq, msg.seq)
+        if msg.seq > self._replica.seq + 1:
+            self._counters.gaps += 1
+            log.debug("node %r: gap %d -> %d, re-syncing", self.agent_id, self._replica.seq, msg.seq)
             self._pending = [msg]
             self._request_snapshot()
             return
         self._apply(msg)
 
     def _on_snapshot(self, frame: bytes) -> None:
-        self.counters.received += 1
+        self._counters.received += 1
         self._last_hub = time.monotonic()
         try:
             msg = unpack(frame, self.config.limits)
         except MalformedMessage as exc:
-            self.counters.malformed += 1
+            self._counters.malformed += 1
             log.debug("node %r: dropped malformed snapshot frame: %s", self.agent_id, exc)
             return
         if self._state is not NodeState.SYNCING:
@@ -424,75 +417,28 @@ class BusNode:
         if (msg.payload or {}).get("request") != self._request_id:
             self._snapshot_items = {}  # the end of an older request: wait for ours
             return
-        self._install(msg.seq, msg.epoch)
+        items, self._snapshot_items = self._snapshot_items, {}
+        self._replica.install(items, msg.seq, msg.epoch, before_notify=self._activate)
         pending, self._pending = self._pending, []
         for queued in pending:
             if self._state is not NodeState.ACTIVE:
                 self._pending.append(queued)  # a re-sync started: keep queueing
-            elif queued.epoch != self._epoch or queued.seq <= self._seq:
-                self.counters.dropped += 1  # covered by the snapshot (or from an old hub)
+            elif queued.epoch != self._replica.epoch or queued.seq <= self._replica.seq:
+                self._counters.dropped += 1  # covered by the snapshot (or from an old hub)
             else:
                 self._sequence(queued)
         with self._send_lock:
             for key, body in self._own.items():
-                if key not in self._map:
+                if key not in self._replica:
                     self._send(body, count=True)  # the hub lost it (restart or expiry)
 
-    def _install(self, seq: int, epoch: int) -> None:
-        items, self._snapshot_items = self._snapshot_items, {}
-        changes: list[StateUpdate] = []
-        with self._lock:
-            old = self._map
-            for key, upd in old.items():
-                if key not in items:
-                    changes.append(replace(upd, payload=None, seq=seq, epoch=epoch))
-            for key, upd in items.items():
-                if old.get(key) != upd:
-                    changes.append(upd)
-            self._map = items
-            self._by_agent = {}
-            for key, upd in items.items():
-                self._index(key, upd)
-            self._seq, self._epoch = seq, epoch
-            self._state = NodeState.ACTIVE
-            self._lock.notify_all()
-        for upd in changes:
-            self._notify(upd)
-
     def _apply(self, msg: StateUpdate) -> None:
-        _, owner, name = msg.key.split("/", 2)  # unpack() guarantees agent/<id>/<name>
-        with self._lock:
-            if msg.payload is None:
-                self._map.pop(msg.key, None)
-                names = self._by_agent.get(owner)
-                if names is not None:
-                    names.pop(name, None)
-                    if not names:
-                        del self._by_agent[owner]
-            else:
-                self._map[msg.key] = msg
-                names = self._by_agent.get(owner)
-                if names is None:
-                    names = self._by_agent[owner] = {}
-                names[name] = msg
-            self._seq = msg.seq
-            self.counters.applied += 1
-            self._lock.notify_all()
-        self._notify(msg)
+        self._replica.apply(msg)
+        self._counters.applied += 1
 
-    def _index(self, key: str, upd: StateUpdate) -> None:
-        _, owner, name = key.split("/", 2)
-        self._by_agent.setdefault(owner, {})[name] = upd
-
-    def _notify(self, upd: StateUpdate) -> None:
-        for callback in self._callbacks:
-            try:
-                callback(upd)
-            except Exception:  # a user callback must not kill the bus thread
-                self.counters.callback_errors += 1
-                log.exception("node %r: on_update callback failed", self.agent_id)
+    def _activate(self) -> None:
+        self._state = NodeState.ACTIVE  # called by the replica under its lock
 
     def _set_state(self, state: NodeState) -> None:
-        with self._lock:
-            self._state = state
-            self._lock.notify_all()
+        self._state = state
+        self._replica.changed()

@@ -212,3 +212,29 @@ def test_node_survives_fuzzed_updates_and_snapshot_replies() -> None:
         pub.close()
         router.close()
         ctx.term()
+
+
+def test_node_counts_control_messages_that_do_not_belong_on_pub() -> None:
+    """Well-formed bodies with a control key other than "$hugz" on PUB are malformed there."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    eps = BusEndpoints(f"tcp://127.0.0.1:{port + 0}", f"tcp://127.0.0.1:{port}", "tcp://127.0.0.1:1")
+    node = BusNode("victim", BusConfig(endpoints=eps, **CONFIG))
+    try:
+        while node.counters.received == 0:
+            pub.send_multipart([b"probe", b"\xc1"])
+            time.sleep(0.01)
+        assert wait_until(lambda: node.counters.malformed == node.counters.received)
+        before = node.counters.malformed
+        for key in ("$snapshot-end", "$snapshot?", "$heartbeat"):
+            frame = packb([1, key, 5, 9, "hub", 1.0, None])
+            assert parses(frame)
+            pub.send_multipart([key.encode(), frame])
+        assert wait_until(lambda: node.counters.malformed == before + 3)
+        assert node.alive and node.error is None
+    finally:
+        node.close()
+        pub.close()
+        ctx.term()
