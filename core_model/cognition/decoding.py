@@ -74,31 +74,17 @@ class _AttentionProbe:
     def last_query_mass(self, cache_layer, length: int, key_valid: torch.Tensor | None) -> np.ndarray:
         """softmax(q_last . k / sqrt(d)) over the cached keys, averaged over heads: (length,)."""
         attn, (inp, phase, rope) = self.attn, self.args[:3]
-        inp = inp[:1, -1:]
-        if hasattr(attn, "split_heads"):  # fused projection: the module receives qkv
-            q = attn.split_heads(inp)[0]
-        else:
-            q = attn.q_proj(inp).view(1, 1, attn.num_heads, attn.sem_dim).transpose(1, 2)
+        q = attn.split_heads(inp[:1, -1:])[0]  # the module receives the projected qkv
         if rope is not None:
             q = apply_rope(q, rope[0][:1, :, -1:], rope[1][:1, :, -1:])
         if attn.resonant:
-            feats = _phase_features(phase[:1, -1:])  # (1, 1, 2F) in the layout the keys use
+            feats = phase[:1, -1:].flatten(-2)  # (cos, sin) pairs (1, 1, 2F), the layout the keys use
             q = torch.cat([q, (attn.phase_weight() * feats.unsqueeze(1).to(q.dtype)).expand(1, attn.num_heads, 1, -1)], -1)
         k = cache_layer.k[:1, :, :length]
         scores = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # (1, H, L)
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid[:1, None, :length], float("-inf"))
         return scores.float().softmax(-1).mean(1)[0].cpu().numpy()
-
-
-def _phase_features(phase: torch.Tensor) -> torch.Tensor:
-    """The attention's phase features from whichever form the block passes: angles (B, T, F),
-    complex phasors (B, T, F) or (cos, sin) pairs (B, T, F, 2)."""
-    if phase.is_complex():
-        return torch.view_as_real(phase).flatten(-2)
-    if phase.dim() == 4:
-        return phase.flatten(-2)
-    return torch.cat([phase.cos(), phase.sin()], -1)
 
 
 class CognitiveDecoder:
@@ -109,7 +95,7 @@ class CognitiveDecoder:
         self.tok = tokenizer
         self.session = model.session
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, prompt_ids: list[int], max_new: int, params: SamplingParams, seed: int,
             stop_ids: frozenset[int], halt_on_instability: bool | None = None) -> DecodeTrace:
         model, session = self.model, self.session
