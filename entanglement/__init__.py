@@ -6,6 +6,18 @@ whole map. Messages are msgpack (`entanglement.message`), connections CURVE-encr
 ZAP-authenticated by default (`entanglement.security`), and `entanglement.coupling` turns
 peers' state into the external Kuramoto field and the sedenion fold. This package knows
 nothing of Ray or of the model; `agents/` wires them together.
+
+Typical use (the hub in one place, one node per agent, anywhere)::
+
+    hub = BusHub(BusConfig(endpoints=BusEndpoints.tcp())).start()   # CURVE keys made here
+    config, creds = hub.config.to_dict(), hub.credentials().to_dict()  # hand these over (Ray)
+
+    node = BusNode("a1", BusConfig.from_dict(config), NodeCredentials.from_dict(creds))
+    node.publish("phase", {"phases": theta, "coherence": r, "step": t})  # theta: float32 array
+    peers = {p: (decode_phases(u.payload["phases"]), time.time() - u.timestamp)
+             for p in node.peers() if (u := node.latest(p).get("phase"))}
+    field = external_field(theta, peers, coupling=K, staleness_tau=1.0)  # a plain array
+    node.close(); hub.stop()
 """
 
 from entanglement.config import BusConfig, BusEndpoints, ConfigError, MessageLimits

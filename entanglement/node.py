@@ -69,7 +69,8 @@ class NodeCounters:
     sent: int = 0  # own updates handed to the hub
     received: int = 0  # frames from the hub (updates, heartbeats, snapshot items)
     applied: int = 0  # updates applied to the local map in sequence
-    dropped: int = 0  # well-formed but discarded: covered by a snapshot, stale, send queue full
+    send_failed: int = 0  # own updates not queued: hwm updates already waiting for the hub
+    dropped: int = 0  # incoming, well-formed but discarded: covered by a snapshot, stale
     malformed: int = 0  # frames that failed `unpack`
     gaps: int = 0  # sequence gaps seen (each triggers a re-sync)
     resyncs: int = 0  # snapshot requests after the first
@@ -112,8 +113,9 @@ class BusNode:
         self._state = NodeState.CONNECTING
         self._replica = Replica(f"node {agent_id!r}", [on_update] if on_update else [])
         self.error: BaseException | None = None
-        # Thread-side bookkeeping (touched only by the node thread).
+        # Own latest published bodies, for re-publishing (guarded by _send_lock, see below).
         self._own: dict[str, bytes] = {}
+        # Node-thread bookkeeping (touched only by the node thread).
         self._pending: list[StateUpdate] = []
         self._snapshot_items: dict[str, StateUpdate] = {}
         self._request_id = 0
@@ -146,7 +148,7 @@ class BusNode:
 
         Validation errors raise `MalformedMessage` here. The update goes straight from the
         calling thread to the hub (queued by ZeroMQ); the value is also kept so it can be
-        re-published if a restarted hub lost it. Returns False (and counts a drop) when
+        re-published if a restarted hub lost it. Returns False (counted in send_failed) when
         `config.hwm` updates are already queued for the hub (it is gone or overloaded).
         """
         key = agent_key(self.agent_id, name)
@@ -243,7 +245,7 @@ class BusNode:
         try:
             self._push.send(body, zmq.NOBLOCK)
         except zmq.Again:
-            self._counters.dropped += 1
+            self._counters.send_failed += 1
             return False
         if count:
             self._counters.sent += 1
