@@ -19,6 +19,7 @@ from entanglement import (
     BusConfig,
     BusEndpoints,
     BusHub,
+    BusKeys,
     BusNode,
     NodeError,
     NodeState,
@@ -163,6 +164,59 @@ def test_hub_killed_and_restarted_mid_stream() -> None:
             n.close()
         if hub2 is not None:
             hub2.stop()
+
+
+HUB_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from entanglement import BusConfig, BusHub, BusKeys
+    hub = BusHub(BusConfig.from_dict(json.loads(sys.argv[1])),
+                 keys=BusKeys.from_dict(json.loads(sys.argv[2]))).start()
+    print(hub.epoch, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def spawn_hub(config: BusConfig, keys: BusKeys) -> tuple[subprocess.Popen, int]:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HUB_SCRIPT, json.dumps(config.to_dict()), json.dumps(keys.to_dict())],
+        stdout=subprocess.PIPE, env=env, text=True,
+    )
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def test_hub_process_sigkilled_and_restarted_mid_stream() -> None:
+    config = BusConfig(endpoints=fixed_tcp_endpoints(), **FAST)
+    keys = BusKeys.generate()
+    hub, epoch1 = spawn_hub(config, keys)
+    nodes = [BusNode(f"a{i}", config, keys.credentials()) for i in range(2)]
+    try:
+        assert all(n.wait_active(5) for n in nodes)
+        for i in range(50):
+            for n in nodes:
+                n.publish("counter", {"value": i})
+        assert all(n.wait_for(lambda n: n.seq == 100, 5) for n in nodes)
+        hub.kill()  # SIGKILL: no clean shutdown of any socket
+        hub.wait(5)
+        for i in range(50, 80):  # keep publishing while there is no hub
+            for n in nodes:
+                n.publish("counter", {"value": i})
+        hub, epoch2 = spawn_hub(config, keys)
+        assert epoch2 != epoch1
+        for n in nodes:
+            assert n.wait_for(lambda n: n.epoch == epoch2 and all(
+                (u := n.latest(a).get("counter")) is not None and u.payload["value"] == 79
+                for a in ("a0", "a1")), 10), n.counters
+            assert n.counters.resyncs >= 1 and n.alive
+        assert wait_converged(nodes, timeout=5)  # same (epoch, seq, map) everywhere
+    finally:
+        for n in nodes:
+            n.close()
+        hub.kill()
+        hub.wait(5)
 
 
 def test_node_restart_resyncs_from_snapshot(hub: BusHub) -> None:
