@@ -28,6 +28,7 @@ class Replica:
         self.seq = 0
         self.epoch = 0
         self.callback_errors = 0
+        self._waiting = 0  # threads inside wait(): notify only when someone listens
         self._map: dict[str, StateUpdate] = {}
         self._by_agent: dict[str, dict[str, StateUpdate]] = {}
         self._callbacks = list(callbacks)
@@ -62,7 +63,11 @@ class Replica:
                 left = deadline - time.monotonic()
                 if left <= 0 or give_up():
                     return predicate()
-                self.cond.wait(min(left, 0.05))
+                self._waiting += 1
+                try:
+                    self.cond.wait(min(left, 0.05))
+                finally:
+                    self._waiting -= 1
         return True
 
     def changed(self) -> None:
@@ -115,7 +120,8 @@ class Replica:
                     names = self._by_agent[owner] = {}
                 names[name] = msg
             self.seq = msg.seq
-            self.cond.notify_all()
+            if self._waiting:
+                self.cond.notify_all()
         self._notify(msg)
 
     def _notify(self, upd: StateUpdate) -> None:
