@@ -88,12 +88,11 @@ class BusNode:
         config: BusConfig,
         credentials: NodeCredentials | None = None,
         context: zmq.Context | None = None,
-        prefix: str = "",
         on_update: UpdateCallback | None = None,
     ) -> None:
         """Start a node for `agent_id`; `on_update` (see `on_update()`) is registered before
-        the thread starts, so it also sees the first snapshot. `prefix` limits the replica to
-        keys starting with it (Clone subtrees)."""
+        the thread starts, so it also sees the first snapshot. The replica holds the whole map:
+        Clone-style subtrees are not offered, as gap detection needs every sequence number."""
         if not agent_id or "/" in agent_id:
             raise ConfigError(f"agent id must be non-empty without '/', got {agent_id!r}")
         if config.security == "curve" and credentials is None:
@@ -105,7 +104,6 @@ class BusNode:
             raise ConfigError("inproc:// endpoints need the hub's zmq context (context=hub.context)")
         self.agent_id = agent_id
         self.config = config
-        self.prefix = prefix
         self._credentials = credentials if config.security == "curve" else None
         self._own_context = context is None
         self.context = context or zmq.Context()
@@ -328,9 +326,8 @@ class BusNode:
                 sock.close(linger=0)
         eps = self.config.endpoints
         self._sub = self._socket(zmq.SUB)
-        self._sub.setsockopt_string(zmq.SUBSCRIBE, self.prefix)
-        if self.prefix:
-            self._sub.setsockopt_string(zmq.SUBSCRIBE, HUB_HEARTBEAT)
+        # Everything: gap detection needs every sequence number (no Clone subtrees here).
+        self._sub.setsockopt_string(zmq.SUBSCRIBE, "")
         self._sub.connect(eps.publish)
         self._dealer = self._socket(zmq.DEALER)
         self._dealer.connect(eps.snapshot)
@@ -346,7 +343,7 @@ class BusNode:
         self._request_id += 1
         self._snapshot_items = {}
         request = make_update(self.agent_id, SNAPSHOT_REQUEST,
-                              {"prefix": self.prefix, "request": self._request_id})
+                              {"prefix": "", "request": self._request_id})
         assert self._dealer is not None
         self._dealer.send(pack(request))
         self._request_sent = time.monotonic()
