@@ -61,7 +61,7 @@ class ResonantAttention(nn.Module):
 
     def phase_weight(self) -> torch.Tensor:
         """w_h = lambda_h * sqrt(d) / F, shape (1, H, 1, 1)."""
-        return (self.resonance * math.sqrt(self.head_dim) / self.num_phases).view(1, -1, 1, 1)
+        return (self.resonance * (math.sqrt(self.head_dim) / self.num_phases)).view(1, -1, 1, 1)
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (B, H, T, d_s) and v (B, H, T, d) from the projected qkv (B, T, qkv_width)."""

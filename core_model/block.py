@@ -21,7 +21,7 @@ from .cache import LayerCache
 from .config import ResoLLMConfig
 from .feedforward import ResonantFFN
 from .gating import CoherenceGate
-from .kuramoto import KuramotoCoupling, order_parameter, phasors, prefix_mean_field
+from .kuramoto import PHASOR_SHIFTS, KuramotoCoupling, order_parameter, phasor_pairs, prefix_mean_field
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ResoFormerBlock(nn.Module):
         # Widths of the input projection's read-outs: [qkv | omega | gate logit]
         self.in_widths = [self.attn.qkv_width, config.num_phases if self.kuramoto else 0, 1 if self.gate else 0]
         self.in_proj = nn.Linear(config.dim, sum(self.in_widths), bias=config.bias)
+        self.register_buffer("phasor_shifts", torch.tensor(PHASOR_SHIFTS), persistent=False)
 
     def forward(
         self,
@@ -60,22 +61,23 @@ class ResoFormerBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, BlockTrace]:
         """x (B, T, D); theta (B, T, F) or None; counts (B, T, 1, 1): the n of each prefix mean field."""
         qkv, omega, gate_logit = self.in_proj(self.ln_attn(x)).split(self.in_widths, dim=-1)
-        u = phasors(theta) if theta is not None else None  # shared by every phase consumer
-        z = order = None
+        u = u_perp = z = order = None
+        if theta is not None:  # (cos, sin) and (-sin, cos) of theta, shared by every phase consumer
+            u, u_perp = phasor_pairs(theta, self.phasor_shifts.to(theta.dtype))
         if self.needs_field:
             past = cache.phase_sum if cache is not None else None
             z, running = prefix_mean_field(u, counts, past, valid)
             if cache is not None:
                 cache.phase_sum = running
-            order = order_parameter(z)
+            order = order_parameter(z, keepdim=True)  # (B, T, 1)
         a = self.resid_dropout(self.attn(qkv, u, rope, attn_mask, cache, cache_start))
         gate = self.gate(gate_logit, order) if self.gate is not None else None  # sigma(.), g = 2 * gate
         x = x + a if gate is None else torch.addcmul(x, gate, a, value=2.0)
         f = self.ffn(self.ln_ffn(x))
         x = x + f if gate is None else torch.addcmul(x, gate, f, value=2.0)
         if self.kuramoto is not None:
-            theta = self.kuramoto(theta, omega, z, external, u)
-        return x, theta, BlockTrace(order, gate)
+            theta = self.kuramoto(theta, omega, z, external, u_perp)
+        return x, theta, BlockTrace(order.squeeze(-1) if order is not None else None, gate)
 
     # Named views of the input projection's rows (for tests and analysis)
     def in_rows(self, part: str) -> torch.Tensor:

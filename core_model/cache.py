@@ -12,7 +12,7 @@ import torch
 class LayerCache:
     k: torch.Tensor  # (B, H, T_max, head_dim): [semantic q/k part, cos, sin] for resonant heads
     v: torch.Tensor  # (B, H, T_max, head_dim)
-    phase_sum: torch.Tensor | None = None  # Kuramoto running sum of (cos, sin) theta, (B, F, 2)
+    phase_sum: torch.Tensor | None = None  # Kuramoto running sum of (cos, sin) theta, (B, 1, F, 2)
 
 
 @dataclass

@@ -23,6 +23,6 @@ class CoherenceGate(nn.Module):
         self.order_weight = nn.Parameter(torch.tensor(1.0))  # a
 
     def forward(self, hidden_logit: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        """hidden_logit ``w . h`` (B, T, 1), order (B, T) -> ``g / 2`` (B, T, 1); the block applies
+        """hidden_logit ``w . h`` (B, T, 1), order (B, T, 1) -> ``g / 2`` (B, T, 1); the block applies
         the factor 2 inside its residual ``addcmul`` (one kernel instead of two)."""
-        return torch.sigmoid(torch.addcmul(hidden_logit, order.unsqueeze(-1) - self.threshold, self.order_weight))
+        return torch.sigmoid(torch.addcmul(hidden_logit, order - self.threshold, self.order_weight))

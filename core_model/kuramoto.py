@@ -24,12 +24,24 @@ import math
 import torch
 import torch.nn as nn
 
-_QUARTER_TURN = torch.tensor([0.0, math.pi / 2])  # cos(theta - pi/2) = sin(theta)
+# cos(theta - s) for these shifts s gives (cos, sin, -sin, cos): the phasor and its quarter turn
+PHASOR_SHIFTS = (0.0, math.pi / 2, -math.pi / 2, 0.0)
+
+
+def phasor_pairs(theta: torch.Tensor, shifts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u = (cos theta, sin theta)`` and ``u_perp = (-sin theta, cos theta)``: (..., F) -> 2 x (..., F, 2).
+
+    One kernel computes both (``shifts`` is :data:`PHASOR_SHIFTS` as a tensor on theta's device).
+    """
+    if shifts is None:
+        shifts = torch.tensor(PHASOR_SHIFTS, device=theta.device, dtype=theta.dtype)
+    both = torch.cos(theta.unsqueeze(-1) - shifts)  # (..., F, 4)
+    return both[..., :2], both[..., 2:]
 
 
 def phasors(theta: torch.Tensor) -> torch.Tensor:
     """``(cos theta, sin theta)`` stacked last: (..., F) -> (..., F, 2)."""
-    return torch.cos(theta.unsqueeze(-1) - _QUARTER_TURN.to(device=theta.device, dtype=theta.dtype))
+    return phasor_pairs(theta)[0]
 
 
 def prefix_mean_field(
@@ -39,24 +51,25 @@ def prefix_mean_field(
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix mean field ``z`` (B, T, F, 2) of the phasors ``u`` (B, T, F, 2), continuing
-    ``past_sum`` (B, F, 2). ``counts`` (B, T, 1, 1) holds ``n_i``; ``valid`` (B, T) masks padding.
-    Returns ``(z, running_sum)``, the running sum over every position so far (B, F, 2)."""
+    ``past_sum`` (B, 1, F, 2). ``counts`` (B, T, 1, 1) holds ``n_i``; ``valid`` (B, T) masks padding.
+    Returns ``(z, running_sum)``, the running sum over every position so far (B, 1, F, 2)."""
     if valid is not None:
         u = u * valid[:, :, None, None].to(u.dtype)
     total = u.cumsum(dim=1) if u.shape[1] > 1 else u
     if past_sum is not None:
-        total = total + past_sum.unsqueeze(1)
-    return total / counts, total[:, -1]
+        total = total + past_sum
+    return total / counts, total[:, -1:]
 
 
-def order_parameter(z: torch.Tensor) -> torch.Tensor:
-    """Local order parameter ``r_i = mean_k |z_{i,k}|``: (B, T, F, 2) -> (B, T)."""
-    return torch.linalg.vector_norm(z, dim=-1).mean(dim=-1)
+def order_parameter(z: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Local order parameter ``r_i = mean_k |z_{i,k}|``: (B, T, F, 2) -> (B, T) (or (B, T, 1))."""
+    return torch.linalg.vector_norm(z, dim=-1).mean(dim=-1, keepdim=keepdim)
 
 
-def phase_pull(field: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``|Z| sin(arg Z - theta) = Im Z cos theta - Re Z sin theta`` for field (..., F, 2), u (..., F, 2)."""
-    return torch.addcmul(field[..., 1] * u[..., 0], field[..., 0], u[..., 1], value=-1.0)
+def phase_pull(field: torch.Tensor, u_perp: torch.Tensor) -> torch.Tensor:
+    """``|Z| sin(arg Z - theta) = Im Z cos theta - Re Z sin theta = Z . u_perp`` for field
+    (..., F, 2) and ``u_perp = (-sin theta, cos theta)`` (..., F, 2)."""
+    return (field * u_perp).sum(-1)
 
 
 class KuramotoCoupling(nn.Module):
@@ -73,17 +86,18 @@ class KuramotoCoupling(nn.Module):
         omega: torch.Tensor,
         z: torch.Tensor,
         external: torch.Tensor | None = None,
-        u: torch.Tensor | None = None,
+        u_perp: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """theta and omega (B, T, F); z (B, T, F, 2) the prefix mean field of theta; external
-        (B, F, 2) or (F, 2) as (real, imag), or None; ``u = phasors(theta)`` when already computed."""
-        if u is None:
-            u = phasors(theta)
-        dtheta = torch.addcmul(omega, self.coupling, phase_pull(z, u))
+        (B, F, 2) or (F, 2) as (real, imag), or None; ``u_perp = (-sin theta, cos theta)`` when
+        already computed."""
+        if u_perp is None:
+            u_perp = phasor_pairs(theta)[1]
+        dtheta = torch.addcmul(omega, self.coupling, phase_pull(z, u_perp))
         if external is not None:
             ext = external.to(theta.dtype)
             ext = ext.unsqueeze(-3) if ext.dim() == 3 else ext  # (B, 1, F, 2): same field at every position
-            dtheta = dtheta + phase_pull(ext, u)
+            dtheta = dtheta + phase_pull(ext, u_perp)
         return torch.add(theta, dtheta, alpha=self.dt)
 
 
