@@ -1,12 +1,12 @@
 """The one message type of the bus, `StateUpdate`, and its msgpack wire format.
 
-Wire format
------------
-Every message is one msgpack array (the *body*), version 1::
+Wire format (version 2)
+-----------------------
+Every update is one msgpack array (the *body*)::
 
     [version, key, seq, epoch, agent, timestamp, payload]
 
-    version    int    always 1 (`WIRE_VERSION`); anything else is rejected
+    version    int    always 2 (`WIRE_VERSION`); anything else is rejected
     key        str    "agent/<agent>/<name>" for state, or a control key starting with "$"
     seq        int    >= 0; stamped by the hub (strictly increasing per hub epoch), 0 from nodes
     epoch      int    >= 0; random id of the hub instance that stamped seq, 0 from nodes
@@ -20,16 +20,35 @@ Every message is one msgpack array (the *body*), version 1::
                  "sedenion"  list of exactly 16 numbers
                  "coherence" number, "step" int
 
-How the body travels, frame by frame::
+The hub publishes *batches*: one single-frame message per poll wake-up, carrying every update
+it stamped in that turn (`pack_batch`, `unpack_batch`)::
+
+    [version, epoch, last_seq, [body, body, ...]]
+
+    version    int    2, as above
+    epoch      int    >= 1, the hub instance
+    last_seq   int    the hub's last stamped seq; body i of n has seq last_seq - n + 1 + i
+    bodies     array  the bodies exactly as the agents sent them (their own seq and epoch, 0, are
+                      ignored: the stamp is positional), so the hub forwards the validated bytes
+                      without re-encoding them; control keys are not allowed here
+
+An empty batch is the hub heartbeat (formerly "$hugz"): it says which seq the hub is at. A batch
+frame may exceed `max_frame_bytes` by at most `BATCH_OVERHEAD` (its header); it holds at most
+`max_array_len` bodies. Receivers validate every body; a malformed one is counted and dropped on
+its own, and the hole it leaves in the sequence is a gap (the node re-syncs).
+
+How it travels, frame by frame::
 
     node PUSH -> hub PULL        [body]                    (updates, "$heartbeat")
-    hub PUB  -> node SUB         [key utf-8, body]         (key is the topic: prefix filtering)
+    hub PUB  -> node SUB         [batch]                   (updates and heartbeats)
     node DEALER -> hub ROUTER    [body "$snapshot?"]       payload {"prefix": str}
-    hub ROUTER -> node DEALER    [body], ... one per key, then [body "$snapshot-end"]
-                                 whose seq is the sequence the snapshot covers
+    hub ROUTER -> node DEALER    [body], ... one per key (seq and epoch stamped in the body),
+                                 then [body "$snapshot-end"] whose seq is the sequence the
+                                 snapshot covers
 
-Control keys: "$hugz" (hub heartbeat on PUB; seq = last stamped seq), "$heartbeat" (node
-heartbeat to the hub), "$snapshot?" and "$snapshot-end".
+Version 1 differed only on PUB: one [key, body] message per update, with the stamp re-encoded
+into the body, and a "$hugz" body as the heartbeat. Control keys: "$heartbeat" (node heartbeat
+to the hub), "$snapshot?" and "$snapshot-end" ("$hugz" is reserved, no longer sent).
 
 Unpacking is strict: the frame size is checked first, msgpack runs with `max_*_len` limits, and
 every field is type-checked. Anything that fails raises `MalformedMessage`; receivers count and
@@ -40,7 +59,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +69,8 @@ import numpy as np
 
 from entanglement.config import MessageLimits
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+BATCH_OVERHEAD = 32  # a batch header: fixarray, version, epoch, last_seq, array length
 SEDENION_DIM = 16
 
 HUB_HEARTBEAT = "$hugz"
@@ -63,6 +84,10 @@ _SCALAR_TYPES = frozenset({type(None), bool, int, float, str, bytes})
 _NUMBERS = frozenset({int, float})
 
 Payload = dict[str, Any]
+
+_packb = partial(msgpack.packb, use_bin_type=True)
+_BATCH_PREFIX = b"\x94" + msgpack.packb(WIRE_VERSION)  # fixarray of 4, then the version
+_FIXARRAY = [bytes([0x90 | n]) for n in range(16)]
 
 
 class MalformedMessage(ValueError):
@@ -128,12 +153,12 @@ def pack(update: StateUpdate) -> bytes:
         raise MalformedMessage(f"cannot pack {update.key!r}: {exc}") from exc
 
 
-def unpack(frame: bytes, limits: MessageLimits = MessageLimits()) -> StateUpdate:
-    """Decode and validate one body frame; raise `MalformedMessage` on anything unexpected."""
-    if len(frame) > limits.max_frame_bytes:
-        raise MalformedMessage(f"frame of {len(frame)} bytes exceeds {limits.max_frame_bytes}")
+def _decode(frame: bytes, limits: MessageLimits, max_bytes: int) -> Any:
+    """msgpack-decode one frame under `limits`; raise `MalformedMessage` on anything wrong."""
+    if len(frame) > max_bytes:
+        raise MalformedMessage(f"frame of {len(frame)} bytes exceeds {max_bytes}")
     try:
-        obj = msgpack.unpackb(
+        return msgpack.unpackb(
             frame,
             raw=False,
             use_list=True,
@@ -147,16 +172,106 @@ def unpack(frame: bytes, limits: MessageLimits = MessageLimits()) -> StateUpdate
     except (ValueError, msgpack.UnpackException) as exc:
         # ValueError covers ExtraData, FormatError, StackError, UnicodeDecodeError and limits.
         raise MalformedMessage(f"not a valid msgpack body: {exc!r}") from exc
-    if not isinstance(obj, list) or len(obj) != 7:
+
+
+def _validate(obj: Any, seq: int | None = None, epoch: int | None = None) -> StateUpdate:
+    """A decoded body as a `StateUpdate`, type-checked; `seq`/`epoch` override the body's."""
+    if type(obj) is not list or len(obj) != 7:
         raise MalformedMessage(f"body must be a 7-element array, got {type(obj).__name__}")
-    version, key, seq, epoch, agent, timestamp, payload = obj
+    version, key, body_seq, body_epoch, agent, timestamp, payload = obj
     if type(version) is not int or version != WIRE_VERSION:
         raise MalformedMessage(f"unsupported wire version {version!r}")
     if type(timestamp) is int:
         timestamp = float(timestamp)
-    _check_envelope(key, seq, epoch, agent, timestamp)
+    _check_envelope(key, body_seq, body_epoch, agent, timestamp)
     _check_payload(payload)
-    return StateUpdate(key, agent, payload, seq, epoch, timestamp)
+    return StateUpdate(key, agent, payload, body_seq if seq is None else seq,
+                       body_epoch if epoch is None else epoch, timestamp)
+
+
+def unpack(frame: bytes, limits: MessageLimits = MessageLimits()) -> StateUpdate:
+    """Decode and validate one body frame; raise `MalformedMessage` on anything unexpected."""
+    return _validate(_decode(frame, limits, limits.max_frame_bytes))
+
+
+def pack_batch(epoch: int, last_seq: int, bodies: Sequence[bytes]) -> bytes:
+    """One hub batch frame (module docstring) from already validated body frames.
+
+    The bodies are concatenated as they are: each is one complete msgpack object, so the
+    result is a single msgpack array. Raises `ValueError` on an impossible stamp.
+    """
+    n = len(bodies)
+    if not 0 <= n <= last_seq <= _MAX_INT or not 0 <= epoch <= _MAX_INT:
+        raise ValueError(f"bad batch stamp: epoch {epoch}, last_seq {last_seq}, {n} bodies")
+    if n < 16:
+        length = _FIXARRAY[n]
+    elif n < 1 << 16:
+        length = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        length = b"\xdd" + n.to_bytes(4, "big")
+    return b"".join((_BATCH_PREFIX, _packb(epoch), _packb(last_seq), length, *bodies))
+
+
+def unpack_batch(
+    frame: bytes, limits: MessageLimits = MessageLimits()
+) -> tuple[int, int, list[StateUpdate | MalformedMessage]]:
+    """Decode one hub batch: (epoch, last_seq, one entry per body).
+
+    A frame that is not a well-formed batch raises `MalformedMessage`. A body that is invalid
+    on its own (or carries a control key) is returned as its `MalformedMessage`, in place, so the
+    caller can count it and still see its neighbours; valid bodies come back stamped with their
+    positional seq and the batch's epoch.
+    """
+    obj = _decode(frame, limits, limits.max_frame_bytes + BATCH_OVERHEAD)
+    if type(obj) is not list or len(obj) != 4:
+        raise MalformedMessage(f"batch must be a 4-element array, got {type(obj).__name__}")
+    version, epoch, last_seq, bodies = obj
+    if type(version) is not int or version != WIRE_VERSION:
+        raise MalformedMessage(f"unsupported wire version {version!r}")
+    if type(epoch) is not int or not 0 < epoch <= _MAX_INT:
+        raise MalformedMessage(f"batch epoch must be an int in [1, 2^63), got {epoch!r:.80}")
+    if type(last_seq) is not int or not 0 <= last_seq <= _MAX_INT:
+        raise MalformedMessage(f"batch last_seq must be an int in [0, 2^63), got {last_seq!r:.80}")
+    if type(bodies) is not list or len(bodies) > last_seq:
+        raise MalformedMessage("batch bodies must be an array of at most last_seq bodies")
+    seq = last_seq - len(bodies)
+    out: list[StateUpdate | MalformedMessage] = []
+    for body in bodies:
+        seq += 1
+        try:
+            update = _validate(body, seq, epoch)
+            if update.key[0] == "$":
+                raise MalformedMessage(f"control key {update.key!r} does not belong in a batch")
+        except MalformedMessage as exc:
+            out.append(exc)
+        else:
+            out.append(update)
+    return epoch, last_seq, out
+
+
+def encode_update(agent: str, key: str, payload: Mapping[str, Any] | None) -> bytes:
+    """The body of a node-side update (seq and epoch 0, timestamp now), validated.
+
+    The publish fast path: equivalent to ``pack(make_update(agent, key, payload))`` without
+    the intermediate `StateUpdate`. `agent` and `key` must already be valid (the node checks
+    them once per key); the payload is checked here and invalid content raises
+    `MalformedMessage`.
+    """
+    plain = None if payload is None else _plain_payload(payload)
+    _check_payload(plain)
+    try:
+        return _packb([WIRE_VERSION, key, 0, 0, agent, time.time(), plain])
+    except (OverflowError, ValueError) as exc:  # e.g. an int beyond msgpack's 64-bit range
+        raise MalformedMessage(f"cannot pack {key!r}: {exc}") from exc
+
+
+def _plain_payload(payload: Mapping[str, Any]) -> Payload:
+    """A plain dict copy of `payload`, numpy values converted (see `make_update`)."""
+    plain = dict(payload)
+    for name, value in plain.items():
+        if type(value) not in _SCALAR_TYPES:
+            plain[name] = _plain(name, value)
+    return plain
 
 
 def make_update(agent: str, key: str, payload: Mapping[str, Any] | None) -> StateUpdate:
@@ -167,11 +282,7 @@ def make_update(agent: str, key: str, payload: Mapping[str, Any] | None) -> Stat
     """
     if payload is None:
         return StateUpdate(key, agent, None, 0, 0, time.time())
-    if all(type(v) in _SCALAR_TYPES for v in payload.values()) and "phases" not in payload:
-        plain = dict(payload)
-    else:
-        plain = {k: _plain(k, v) for k, v in payload.items()}
-    return StateUpdate(key, agent, plain, 0, 0, time.time())
+    return StateUpdate(key, agent, _plain_payload(payload), 0, 0, time.time())
 
 
 def _plain(name: str, value: Any) -> Any:

@@ -10,12 +10,14 @@ States and transitions::
     CONNECTING --sockets made, SUB subscribed, "$snapshot?" sent--> SYNCING
     SYNCING    --"$snapshot-end" of the current request: install map, apply queued updates
                  with seq > snapshot seq, re-publish own keys the snapshot lacks--> ACTIVE
-    ACTIVE     --seq gap, "$hugz" ahead of us, or a new hub epoch--> SYNCING (same sockets)
+    ACTIVE     --seq gap, a batch/heartbeat ahead of us, or a new hub epoch--> SYNCING (same sockets)
     SYNCING/ACTIVE --hub silent for hub_timeout, or no snapshot within snapshot_timeout-->
                  CONNECTING (fresh SUB and DEALER)
     any        --close()--> CLOSED
 
 While SYNCING, updates from SUB are queued; those the snapshot covers are dropped (counted).
+The hub publishes batches (see `entanglement.message`): every body in a batch is validated on
+its own; a malformed one is counted and dropped, and the hole it leaves is a gap.
 The node sends "$heartbeat" every heartbeat_interval so the hub can expire it when it vanishes.
 """
 
@@ -34,16 +36,17 @@ import zmq
 
 from entanglement.config import BusConfig, ConfigError
 from entanglement.message import (
-    HUB_HEARTBEAT,
     NODE_HEARTBEAT,
     SNAPSHOT_END,
     SNAPSHOT_REQUEST,
     MalformedMessage,
     StateUpdate,
     agent_key,
+    encode_update,
     make_update,
     pack,
     unpack,
+    unpack_batch,
 )
 from entanglement.replica import Replica, UpdateCallback
 from entanglement.security import NodeCredentials, SecurityError
@@ -67,11 +70,11 @@ class NodeError(RuntimeError):
 @dataclass
 class NodeCounters:
     sent: int = 0  # own updates handed to the hub
-    received: int = 0  # frames from the hub (updates, heartbeats, snapshot items)
+    received: int = 0  # messages from the hub (batches, heartbeats, snapshot items)
     applied: int = 0  # updates applied to the local map in sequence
     send_failed: int = 0  # own updates not queued: hwm updates already waiting for the hub
     dropped: int = 0  # incoming, well-formed but discarded: covered by a snapshot, stale
-    malformed: int = 0  # frames that failed `unpack`
+    malformed: int = 0  # frames that failed to decode, and invalid bodies inside a batch
     gaps: int = 0  # sequence gaps seen (each triggers a re-sync)
     resyncs: int = 0  # snapshot requests after the first
     hub_timeouts: int = 0  # hub silent for hub_timeout: sockets re-made
@@ -113,6 +116,7 @@ class BusNode:
         self.error: BaseException | None = None
         # Own latest published bodies, for re-publishing (guarded by _send_lock, see below).
         self._own: dict[str, bytes] = {}
+        self._keys: dict[str, str] = {}  # name -> validated key (publish fast path)
         # Node-thread bookkeeping (touched only by the node thread).
         self._pending: list[StateUpdate] = []
         self._snapshot_items: dict[str, StateUpdate] = {}
@@ -149,8 +153,12 @@ class BusNode:
         re-published if a restarted hub lost it. Returns False (counted in send_failed) when
         `config.hwm` updates are already queued for the hub (it is gone or overloaded).
         """
-        key = agent_key(self.agent_id, name)
-        body = pack(make_update(self.agent_id, key, payload))
+        key = self._keys.get(name)
+        if key is None:
+            key = agent_key(self.agent_id, name)
+            pack(StateUpdate(key, self.agent_id, None))  # validates the key once per name
+            self._keys[name] = key
+        body = encode_update(self.agent_id, key, payload)
         if self._closed or not self._thread.is_alive():
             raise NodeError(f"node {self.agent_id!r} is closed") from self.error
         with self._send_lock:
@@ -291,12 +299,13 @@ class BusNode:
             if self._pipe_in in events:
                 return  # the only message on the pipe is the stop request
             if self._sub is not None and self._sub in events:
-                for _ in range(_DRAIN):
+                budget = _DRAIN  # updates, not messages: a batch may carry thousands
+                while budget > 0:
                     try:
                         frames = self._sub.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._on_sub(frames)
+                    budget -= self._on_sub(frames)
             if self._dealer is not None and self._dealer in events:
                 for _ in range(_DRAIN):
                     try:
@@ -349,31 +358,44 @@ class BusNode:
         self._request_sent = time.monotonic()
         self._set_state(NodeState.SYNCING)
 
-    def _on_sub(self, frames: list[bytes]) -> None:
+    def _on_sub(self, frames: list[bytes]) -> int:
+        """Handle one PUB message; return how much work it was (bodies, at least 1)."""
         self._counters.received += 1
         self._last_hub = time.monotonic()
         try:
-            if len(frames) != 2:
-                raise MalformedMessage(f"expected [topic, body], got {len(frames)} frames")
-            msg = unpack(frames[1], self.config.limits)
-            if frames[0] != msg.key.encode():
-                raise MalformedMessage("topic frame does not match the key")
-            if msg.is_control and msg.key != HUB_HEARTBEAT:
-                raise MalformedMessage(f"control key {msg.key!r} does not belong on PUB")
+            if len(frames) != 1:
+                raise MalformedMessage(f"expected one batch frame, got {len(frames)} frames")
+            epoch, last_seq, items = unpack_batch(frames[0], self.config.limits)
         except MalformedMessage as exc:
             self._counters.malformed += 1
-            log.debug("node %r: dropped malformed update: %s", self.agent_id, exc)
-            return
-        if self._state is NodeState.SYNCING:
-            if msg.key != HUB_HEARTBEAT:
+            log.debug("node %r: dropped malformed batch: %s", self.agent_id, exc)
+            return 1
+        for msg in items:
+            if type(msg) is not StateUpdate:  # a malformed body: count it, its seq is a gap
+                self._counters.malformed += 1
+                log.debug("node %r: dropped malformed update: %s", self.agent_id, msg)
+            elif self._state is NodeState.ACTIVE:
+                self._sequence(msg)
+            elif self._state is NodeState.SYNCING:
                 self._pending.append(msg)
                 if len(self._pending) > self.config.hwm:  # snapshot far behind: start over
                     self._counters.dropped += len(self._pending)
                     self._pending = []
                     self._request_snapshot()
-            return
-        if self._state is NodeState.ACTIVE:
-            self._sequence(msg)
+        if self._state is NodeState.ACTIVE:  # the batch also says where the hub is
+            self._check_head(epoch, last_seq)
+        return max(1, len(items))
+
+    def _check_head(self, epoch: int, last_seq: int) -> None:
+        """Re-sync if the hub restarted or is ahead of us (updates lost at the tail)."""
+        if epoch != self._replica.epoch:
+            log.debug("node %r: hub epoch changed, re-syncing", self.agent_id)
+            self._request_snapshot()
+        elif last_seq > self._replica.seq:
+            self._counters.gaps += 1
+            log.debug("node %r: hub at %d, we are at %d, re-syncing", self.agent_id, last_seq,
+                      self._replica.seq)
+            self._request_snapshot()
 
     def _sequence(self, msg: StateUpdate) -> None:
         """Apply `msg` if it is the next in sequence; otherwise drop it or re-sync."""
@@ -381,11 +403,6 @@ class BusNode:
             log.debug("node %r: hub epoch changed, re-syncing", self.agent_id)
             self._pending = [msg]
             self._request_snapshot()
-            return
-        if msg.key == HUB_HEARTBEAT:
-            if msg.seq > self._replica.seq:  # updates were lost at the tail
-                self._counters.gaps += 1
-                self._request_snapshot()
             return
         if msg.seq <= self._replica.seq:
             self._counters.dropped += 1

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from entanglement import BusConfig, BusEndpoints, BusHub, BusNode, MalformedMessage, unpack
+from entanglement.message import WIRE_VERSION, pack_batch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +41,7 @@ def packb(obj: Any) -> bytes:
 
 agents = st.sampled_from(["a0", "a1", "a2"])
 valid_fields = st.builds(
-    lambda agent, name, value, ts: [1, f"agent/{agent}/{name}", 0, 0, agent, ts, {"value": value,
+    lambda agent, name, value, ts: [WIRE_VERSION, f"agent/{agent}/{name}", 0, 0, agent, ts, {"value": value,
                                     "sedenion": [float(value)] * 16, "step": value}],
     agents, st.sampled_from(["phase", "sedenion", "x"]), st.integers(0, 1000),
     st.floats(0, 2e9, allow_nan=False),
@@ -75,7 +76,7 @@ frames = st.one_of(
     st.tuples(valid_fields, st.integers(0, 6), wrong_types).map(
         lambda t: ("confused", _confuse(*t))),
     msgpack_values.map(lambda v: ("random", packb(v))),
-    st.tuples(st.sampled_from([b"", b"\x97\x01", b"\x97\x01\xa3abc\x00\x00"]),
+    st.tuples(st.sampled_from([b"", b"\x97\x02", b"\x97\x02\xa3abc\x00\x00"]),
               st.sampled_from(HUGE_HEADERS), st.binary(max_size=32)).map(
         lambda t: ("bad", t[0] + t[1] + t[2])),  # huge declared lengths
     valid_fields.map(lambda f: ("good", packb(f))),
@@ -88,6 +89,11 @@ def parses(frame: bytes) -> bool:
     except MalformedMessage:
         return False
     return True
+
+
+def valid_in_batch(frame: bytes) -> bool:
+    """Whether `frame`, as the only body of a hub batch, is a valid update there."""
+    return parses(frame) and not unpack(frame).key.startswith("$")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -163,7 +169,10 @@ def test_hub_collector_survives_10000_fuzzed_frames() -> None:
 
 
 def test_node_survives_fuzzed_updates_and_snapshot_replies() -> None:
-    """A fake hub sends fuzz on PUB (as [topic, body]) and as the snapshot reply."""
+    """A fake hub sends fuzz on PUB (each as the one body of a batch) and as the snapshot reply.
+
+    A body that is not one valid msgpack object makes the whole batch frame undecodable; one
+    that decodes but is invalid is dropped on its own; either way exactly one is counted."""
     ctx = zmq.Context()
     pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
     for s in (pub, router):
@@ -193,12 +202,11 @@ def test_node_survives_fuzzed_updates_and_snapshot_replies() -> None:
                 if i % 2:  # snapshot path: ROUTER -> DEALER, one body per message
                     router.send_multipart([identity, frame])
                     bad += not parses(frame)
-                elif shape == 0 or i % 10:  # PUB path: [topic, body]
-                    topic = unpack(frame).key.encode() if parses(frame) else b"junk"
-                    pub.send_multipart([topic, frame])
-                    bad += not parses(frame)
-                else:  # wrong frame count on PUB
-                    pub.send_multipart([b"junk"] + [frame] * (shape + 1) if shape == 2 else [frame])
+                elif shape == 0 or i % 10:  # PUB path: [batch of one body]
+                    pub.send(pack_batch(7, 1000 + i, [frame]))
+                    bad += not valid_in_batch(frame)
+                else:  # wrong frame count on PUB, or a version 1 [topic, body] message
+                    pub.send_multipart([b"junk", frame] if shape == 1 else [frame] * 3)
                     bad += 1
             assert wait_until(lambda: node.counters.received == before[0] + len(batch))
             assert node.counters.malformed - before[1] == bad
@@ -229,12 +237,69 @@ def test_node_counts_control_messages_that_do_not_belong_on_pub() -> None:
         assert wait_until(lambda: node.counters.malformed == node.counters.received)
         before = node.counters.malformed
         for key in ("$snapshot-end", "$snapshot?", "$heartbeat"):
-            frame = packb([1, key, 5, 9, "hub", 1.0, None])
-            assert parses(frame)
-            pub.send_multipart([key.encode(), frame])
+            frame = packb([WIRE_VERSION, key, 5, 9, "hub", 1.0, None])
+            assert parses(frame) and not valid_in_batch(frame)
+            pub.send(pack_batch(9, 5, [frame]))
         assert wait_until(lambda: node.counters.malformed == before + 3)
         assert node.alive and node.error is None
     finally:
         node.close()
         pub.close()
+        ctx.term()
+
+
+def test_malformed_body_inside_a_batch_is_counted_and_its_hole_resyncs() -> None:
+    """A scripted hub: a batch [good, malformed, good] applies the first, counts the second and
+    sees the third as a gap (re-sync); a batch ahead of the node's seq is a gap as well."""
+    ctx = zmq.Context()
+    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+    for s in (pub, router):
+        s.linger = 0
+    eps = BusEndpoints.tcp()
+    router.bind(eps.snapshot)
+    pub.bind(eps.publish)
+    real = BusEndpoints(router.last_endpoint.decode(), pub.last_endpoint.decode(), eps.collect)
+    node = BusNode("victim", BusConfig(endpoints=real, **CONFIG))
+    epoch = 99
+
+    def body(name: str, step: Any) -> bytes:
+        return packb([WIRE_VERSION, f"agent/a1/{name}", 0, 0, "a1", 1.0, {"step": step}])
+
+    def answer_snapshot(seq: int, items: dict[str, int]) -> None:
+        assert router.poll(5000)
+        identity, request = router.recv_multipart()
+        req = unpack(request)
+        assert req.key == "$snapshot?"
+        for name, step in items.items():
+            router.send_multipart([identity, packb([WIRE_VERSION, f"agent/a1/{name}", seq, epoch,
+                                                    "a1", 1.0, {"step": step}])])
+        router.send_multipart([identity, packb([WIRE_VERSION, "$snapshot-end", seq, epoch, "hub",
+                                                1.0, {"request": req.payload["request"]}])])
+
+    try:
+        answer_snapshot(0, {})
+        assert node.wait_active(5)
+        while node.counters.received < 3:  # the subscription is live once heartbeats arrive
+            pub.send(pack_batch(epoch, 0, []))
+            time.sleep(0.01)
+        before = node.counters
+        pub.send(pack_batch(epoch, 3, [body("x", 1), body("y", 2.5), body("z", 3)]))
+        assert wait_until(lambda: node.counters.malformed == before.malformed + 1)
+        assert wait_until(lambda: node.counters.gaps == before.gaps + 1)
+        after = node.counters
+        assert after.applied == before.applied + 1 and after.resyncs == before.resyncs + 1
+        assert node.latest("a1")["x"].seq == 1 and "y" not in node.latest("a1")
+        answer_snapshot(3, {"x": 1, "y": 2, "z": 3})  # the hub's map heals the hole
+        assert node.wait_for(lambda n: n.seq == 3 and n.node_state.value == "active", 5)
+        assert {k: u.payload["step"] for k, u in node.latest("a1").items()} == {"x": 1, "y": 2, "z": 3}
+        # A heartbeat ahead of the node: updates lost at the tail, another re-sync.
+        pub.send(pack_batch(epoch, 5, []))
+        answer_snapshot(5, {"x": 1, "y": 2, "z": 4})
+        assert node.wait_for(lambda n: n.seq == 5 and n.counters.gaps == before.gaps + 2, 5)
+        assert node.latest("a1")["z"].payload["step"] == 4
+        assert node.alive and node.error is None
+    finally:
+        node.close()
+        pub.close()
+        router.close()
         ctx.term()

@@ -21,7 +21,14 @@ from entanglement import (
     pack,
     unpack,
 )
-from entanglement.message import make_update
+from entanglement.message import (
+    BATCH_OVERHEAD,
+    WIRE_VERSION,
+    encode_update,
+    make_update,
+    pack_batch,
+    unpack_batch,
+)
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
@@ -60,20 +67,21 @@ def body(*fields: object) -> bytes:
     return msgpack.packb(list(fields), use_bin_type=True)
 
 
-GOOD = [1, "agent/a/phase", 0, 0, "a", 1.0, {"step": 1}]
+GOOD = [WIRE_VERSION, "agent/a/phase", 0, 0, "a", 1.0, {"step": 1}]
 
 
 @pytest.mark.parametrize(
     "frame, reason",
     [
-        (body(2, *GOOD[1:]), "version"),
+        (body(1, *GOOD[1:]), "version"),
+        (body(3, *GOOD[1:]), "version"),
         (body(*GOOD[:6]), "7-element"),
         (body(*GOOD, None), "7-element"),
         (msgpack.packb({"key": "x"}), "7-element"),
-        (body(1, b"agent/a/phase", *GOOD[2:]), "key"),
-        (body(1, "", *GOOD[2:]), "key"),
-        (body(1, "phase", *GOOD[2:]), "agent/<id>/<name>"),
-        (body(1, "$evil", *GOOD[2:]), "control key"),
+        (body(WIRE_VERSION, b"agent/a/phase", *GOOD[2:]), "key"),
+        (body(WIRE_VERSION, "", *GOOD[2:]), "key"),
+        (body(WIRE_VERSION, "phase", *GOOD[2:]), "agent/<id>/<name>"),
+        (body(WIRE_VERSION, "$evil", *GOOD[2:]), "control key"),
         (body(*GOOD[:2], -1, *GOOD[3:]), "seq"),
         (body(*GOOD[:2], 1.5, *GOOD[3:]), "seq"),
         (body(*GOOD[:2], True, *GOOD[3:]), "seq"),
@@ -153,3 +161,80 @@ def test_config_validation_and_round_trip() -> None:
             BusConfig(**bad)
     with pytest.raises(ConfigError):
         BusConfig.from_dict({"endpoints": {"snapshot": "x"}})
+
+
+# -- hub batches (wire format version 2) -------------------------------------------------------
+
+
+def _node_body(agent: str, name: str, payload: dict | None) -> bytes:
+    return pack(StateUpdate(agent_key(agent, name), agent, payload, 0, 0, 1.5))
+
+
+def test_batch_round_trip_stamps_positionally() -> None:
+    bodies = [_node_body("a", "x", {"step": i}) for i in range(20)]  # > 15: array16 header
+    epoch, last, items = unpack_batch(pack_batch(77, 120, bodies))
+    assert (epoch, last) == (77, 120)
+    assert [u.seq for u in items] == list(range(101, 121))
+    assert all(type(u) is StateUpdate and u.epoch == 77 for u in items)
+    assert [u.payload["step"] for u in items] == list(range(20))
+    assert unpack_batch(pack_batch(5, 9, [])) == (5, 9, [])  # the heartbeat
+
+
+def test_batch_with_a_malformed_body_keeps_its_neighbours() -> None:
+    good = _node_body("a", "x", {"step": 1})
+    bad = [body(WIRE_VERSION, "agent/a/x", 0, 0, "a", 1.0, {"step": 1.5}),  # wrong type
+           body(WIRE_VERSION, "$snapshot-end", 0, 0, "hub", 1.0, None),  # control key
+           body(1, "agent/a/x", 0, 0, "a", 1.0, None),  # old version
+           msgpack.packb(42)]
+    for wrong in bad:
+        _, _, items = unpack_batch(pack_batch(3, 12, [good, wrong, good]))
+        assert type(items[0]) is StateUpdate and items[0].seq == 10
+        assert isinstance(items[1], MalformedMessage)
+        assert type(items[2]) is StateUpdate and items[2].seq == 12
+
+
+@pytest.mark.parametrize(
+    "frame, reason",
+    [
+        (pack_batch(3, 12, [b"\xc1"]), "msgpack"),  # an undecodable body spoils the frame
+        (pack_batch(3, 12, [_node_body("a", "x", None)[:-1]]), "msgpack"),
+        (pack_batch(3, 12, [_node_body("a", "x", None)]) + b"\x00", "msgpack"),
+        (msgpack.packb([1, 3, 12, []]), "version"),
+        (msgpack.packb([WIRE_VERSION, 0, 12, []]), "epoch"),
+        (msgpack.packb([WIRE_VERSION, 3, -1, []]), "last_seq"),
+        (msgpack.packb([WIRE_VERSION, 3, 1.0, []]), "last_seq"),
+        (msgpack.packb([WIRE_VERSION, 3, 1, [1, 2]]), "at most last_seq"),
+        (msgpack.packb([WIRE_VERSION, 3, 12, {}]), "array"),
+        (msgpack.packb([WIRE_VERSION, 3, 12]), "4-element"),
+        (_node_body("a", "x", None), "4-element"),  # a bare body is not a batch
+        (b"\x00" * ((1 << 20) + BATCH_OVERHEAD + 1), "exceeds"),
+    ],
+)
+def test_malformed_batches_raise_typed_error(frame: bytes, reason: str) -> None:
+    with pytest.raises(MalformedMessage, match=reason):
+        unpack_batch(frame)
+
+
+def test_batch_limits_follow_message_limits() -> None:
+    limits = MessageLimits(max_frame_bytes=1100, max_array_len=8)
+    body1 = _node_body("a", "x", {"s": "y" * 90})
+    assert 100 < len(body1) < 125
+    assert len(unpack_batch(pack_batch(1, 8, [body1] * 8), limits)[2]) == 8
+    with pytest.raises(MalformedMessage, match="max_array_len"):  # nine bodies
+        unpack_batch(pack_batch(1, 9, [body1] * 9), limits)
+    with pytest.raises(MalformedMessage, match="exceeds"):  # > max_frame_bytes + BATCH_OVERHEAD
+        unpack_batch(pack_batch(1, 5, [body1] * 4 + [b"\xc5\x02\xbc" + b"z" * 700]), limits)
+    with pytest.raises(ValueError):
+        pack_batch(1, 2, [body1] * 3)  # more bodies than sequence numbers
+
+
+def test_encode_update_matches_pack_of_make_update() -> None:
+    payload = {"phases": np.linspace(0, 1, 16), "coherence": np.float32(0.25), "step": 3,
+               "sedenion": list(np.arange(16.0)), "label": "x"}
+    fast = unpack(encode_update("a", "agent/a/phase", payload))
+    slow = unpack(pack(make_update("a", "agent/a/phase", payload)))
+    assert fast.payload == slow.payload and fast.key == slow.key and fast.agent == "a"
+    assert unpack(encode_update("a", "agent/a/phase", None)).payload is None
+    for wrong in ({"o": object()}, {"step": 1.5}, {"i": 1 << 64}):
+        with pytest.raises(MalformedMessage):
+            encode_update("a", "agent/a/x", wrong)
