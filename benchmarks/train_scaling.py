@@ -6,7 +6,7 @@ the training loop after ``--warmup-steps`` steps (global tokens: batch x block x
 "Overhead" is the wall time of ``TorchTrainer.fit()`` minus the time its training loop ran
 (worker group start, process group, model build, data fetch, checkpoint upload, teardown).
 
-    python benchmarks/train_scaling.py                 # defaults: dim 128, 2 layers, 40 steps
+    python benchmarks/train_scaling.py                 # defaults: dim 128, 2 layers, 80 steps
     python benchmarks/train_scaling.py --steps 80 --json
 
 Run it on an otherwise idle machine: the workers compete with anything else for the CPUs.
@@ -38,10 +38,13 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--warmup-steps", type=int, default=10, help="a multiple of --log-interval")
+    parser.add_argument("--log-interval", type=int, default=10, help="metrics row and Ray report every N steps")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.warmup_steps % args.log_interval or args.steps % args.log_interval:
+        parser.error("--warmup-steps and --steps must be multiples of --log-interval")
 
     import ray
     import torch
@@ -60,7 +63,8 @@ def main() -> None:
                                  num_heads=args.heads, num_phases=4, max_seq_len=args.block_size)
 
     def train_config(out: Path) -> TrainConfig:
-        return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, warmup_steps=2, log_interval=1,
+        return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, warmup_steps=2,
+                           log_interval=args.log_interval,
                            eval_interval=10**9, checkpoint_interval=10**9, out_dir=str(out), plot=False,
                            progress=False)
 
@@ -72,6 +76,7 @@ def main() -> None:
         tokens = steps * args.batch_size * args.block_size * workers
         return tokens / (loop_s - t0), loop_s
 
+    load_before = os.getloadavg()[0]
     results = []
     tmp = Path(tempfile.mkdtemp(prefix="train_scaling_"))
     for threads in (torch.get_num_threads(), 1):
@@ -91,7 +96,8 @@ def main() -> None:
     for workers in (1, 2):
         out = tmp / f"ray_{workers}"
         res = run_ray_training(model_config, train_config(out), data,
-                               RayTrainSettings(workers=workers, cpus_per_worker=1, max_failures=0), out)
+                               RayTrainSettings(workers=workers, cpus_per_worker=1, max_failures=0,
+                                                report_interval=args.log_interval), out)
         tps, loop_s = throughput(out, workers)
         results.append({"config": f"Ray Train, {workers} worker(s) x 1 CPU", "workers": workers, "tokens_per_s": tps,
                         "loop_s": loop_s, "overhead_s": res.fit_seconds - loop_s, "fit_s": res.fit_seconds})
@@ -102,7 +108,8 @@ def main() -> None:
     efficiency = two["tokens_per_s"] / (2 * one["tokens_per_s"])
     summary = {"model_parameters": ResoLLMModel(model_config).num_parameters(), "steps": args.steps,
                "batch_per_worker": args.batch_size, "block_size": args.block_size, "ray_init_s": ray_init_s,
-               "scaling_efficiency_2_workers": efficiency, "cpus": os.cpu_count(), "results": results}
+               "scaling_efficiency_2_workers": efficiency, "cpus": os.cpu_count(), "results": results,
+               "load_average_1min": [load_before, os.getloadavg()[0]]}
     if args.json:
         print(json.dumps(summary))
         return
@@ -116,6 +123,8 @@ def main() -> None:
         print(f"{r['config']:<36} {r['tokens_per_s']:>10.0f} {r['loop_s']:>8.1f} {fit:>7} {over:>11}")
     print(f"scaling efficiency, 2 vs 1 Ray worker: {efficiency:.2f} "
           f"({two['tokens_per_s'] / one['tokens_per_s']:.2f}x throughput)")
+    print(f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+          f"(above {os.cpu_count()} means other processes competed for the CPUs)")
     print(f"fixed overhead of a Ray Train run: {one['overhead_s']:.1f} s (1 worker), {two['overhead_s']:.1f} s "
           f"(2 workers); ray.init {ray_init_s:.1f} s")
 

@@ -44,6 +44,7 @@ class RayTrainSettings:
     cpus_per_worker: float = 1.0
     torch_threads: int | None = None  # default: cpus_per_worker (Ray sets OMP_NUM_THREADS=1 otherwise)
     max_failures: int = 2
+    report_interval: int = 50  # ray.train.report every N steps (metrics.jsonl still gets every log row)
     keep_checkpoints: int = 2
     find_unused_parameters: bool = True  # the last block's phase coupling never reaches the loss
     fail_at_step: int | None = None  # test hook: rank 1 exits after this step on the first attempt only
@@ -51,6 +52,8 @@ class RayTrainSettings:
     def validate(self) -> None:
         if self.workers < 1:
             raise RayTrainError(f"workers must be >= 1, got {self.workers}")
+        if self.report_interval < 1:
+            raise RayTrainError(f"report_interval must be >= 1, got {self.report_interval}")
         if self.cpus_per_worker <= 0:
             raise RayTrainError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
 
@@ -73,14 +76,19 @@ class RayTrainResult:
 class RayReportSink:
     """Reports metrics (and, on checkpoint steps, rank 0's checkpoint) through ``ray.train.report``."""
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self, rank: int, report_interval: int = 1) -> None:
+        self.rank, self.report_interval = rank, max(1, report_interval)
 
     def report(self, step: int, metrics: dict[str, Any], write) -> None:
+        """Called at every metrics row; reports on checkpoint steps and every ``report_interval`` steps.
+
+        The decision depends on ``step`` only, so every rank calls ``ray.train.report`` equally often.
+        """
         import ray.train
 
         if write is None:
-            ray.train.report(metrics)
+            if step % self.report_interval == 0:
+                ray.train.report(metrics)
             return
         name = f"step_{step:08d}"
         if self.rank != 0:
@@ -133,7 +141,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             os._exit(1)
 
     trainer = Trainer(bare, tokenizer, train, evald, train_config, rank=rank, world_size=world, ddp_model=ddp,
-                      sink=RayReportSink(rank), on_step_end=inject_failure)
+                      sink=RayReportSink(rank, int(cfg["report_interval"])), on_step_end=inject_failure)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -150,6 +158,9 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # Each ray.train.report can wait for the controller's next poll (2 s by default); a Ray started
+    # here polls faster unless the user chose a value. A cluster takes the setting from `ray start`.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if address:
         ray.init(address=address)
     else:
@@ -191,6 +202,7 @@ def run_ray_training(model_config: ResoLLMConfig, train_config: TrainConfig, dat
         "torch_threads": threads,
         "find_unused_parameters": settings.find_unused_parameters,
         "run_dir": str(out_dir),
+        "report_interval": settings.report_interval,
         "fail_at_step": settings.fail_at_step,
     }
     resources = {"CPU": settings.cpus_per_worker}

@@ -93,6 +93,7 @@ def register(app: typer.Typer) -> None:
         address: Optional[str] = typer.Option(None, help="Ray cluster address (e.g. auto or ray://head:10001)."),
         cpus_per_worker: float = typer.Option(1.0, min=0.1),
         max_failures: int = typer.Option(2, min=-1, help="Worker-group restarts Ray Train may do."),
+        report_interval: int = typer.Option(50, min=1, help="ray.train.report every N steps (Ray runs)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     ) -> None:
         """Train a Reso-LLM model on a chat / text data set (plain torch, or Ray Train with --workers)."""
@@ -143,7 +144,7 @@ def register(app: typer.Typer) -> None:
             summary = _train_plain(model_config, train_config, data, existing if resume else None)
         else:
             summary = _train_ray(model_config, train_config, data, out, workers, use_gpu, address, cpus_per_worker,
-                                 max_failures)
+                                 max_failures, report_interval)
         summary["wall_s"] = round(time.perf_counter() - started, 2)
         if as_json:
             sys.stdout.write(json.dumps(summary) + "\n")
@@ -221,11 +222,11 @@ def _train_plain(model_config, train_config, data, resume_from: Path | None) -> 
 
 
 def _train_ray(model_config, train_config, data, out: Path, workers: int, use_gpu: bool, address: Optional[str],
-               cpus_per_worker: float, max_failures: int) -> dict[str, Any]:
+               cpus_per_worker: float, max_failures: int, report_interval: int) -> dict[str, Any]:
     from .ray_train import RayTrainError, RayTrainSettings, run_ray_training
 
     settings = RayTrainSettings(workers=workers, use_gpu=use_gpu, address=address, cpus_per_worker=cpus_per_worker,
-                                max_failures=max_failures)
+                                max_failures=max_failures, report_interval=report_interval)
     try:
         result = run_ray_training(model_config, train_config, data, settings, out)
     except RayTrainError as exc:

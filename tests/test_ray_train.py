@@ -42,7 +42,7 @@ def _run(bundle, out: Path, fail_at: int | None = None):
                                  num_phases=4, max_seq_len=32, dropout=0.1)
     train_config = TrainConfig(max_steps=TOTAL_STEPS, batch_size=4, warmup_steps=2, eval_interval=4,
                                eval_batches=2, log_interval=LOG_EVERY, checkpoint_interval=CKPT_EVERY, seed=5)
-    settings = RayTrainSettings(workers=2, max_failures=1, fail_at_step=fail_at)
+    settings = RayTrainSettings(workers=2, max_failures=1, report_interval=LOG_EVERY, fail_at_step=fail_at)
     return run_ray_training(model_config, train_config, bundle, settings, out)
 
 
