@@ -2,12 +2,20 @@
 
 Deployment-shaped: every agent is its own process (as a Ray actor would be), and the bus hub
 runs in this coordinating process (a Ray actor of its own in a real run). For 2, 4, 8 and 16
-agents, three setups carry the same state update (16 float32 phases as bytes, 16 sedenion
+agents, four setups carry the same state update (16 float32 phases as bytes, 16 sedenion
 floats, coherence, step; about 280 bytes packed) over tcp on loopback:
 
-  raw        each agent PUB-binds and SUB-connects to every other agent; msgpack pack/unpack
+  raw p2p    each agent PUB-binds and SUB-connects to every other agent; msgpack pack/unpack.
+             No hub hop, no sequencing, no validation: an upper bound, not a like-for-like
+             baseline for a hub design.
+  raw fwd    the fair baseline for a hub-based bus: each agent PUSHes to a forwarder in the
+             coordinator (libzmq's zmq.proxy, PULL -> PUB, in C: no Python per message) and
+             SUBscribes to it, so, as on the bus, every agent receives every update (its own
+             too, not counted) after one hop through a central process; msgpack pack/unpack.
   bus off    BusHub + one BusNode per agent, security "none"
   bus curve  BusHub + one BusNode per agent, CURVE + ZAP (the default)
+
+The "vs fwd" and "vs p2p" columns divide each setup's updates/s by the raw rows'.
 
 updates/s  every agent publishes as fast as it can; the figure is the number of peer updates
            each agent received per second (deliveries from others / (agents - 1)), i.e. the
@@ -94,7 +102,7 @@ def publish_loop(publish: Any, start: float, end: float, period: float | None) -
 
 
 def agent_main(conn: Connection, index: int) -> None:
-    """One agent process: obeys ("raw-bind"|"raw-run"|"bus-run"|"quit", args) from the pipe."""
+    """One agent process: obeys ("raw-bind"|"raw-run"|"fwd-run"|"bus-run"|"quit", args)."""
     agent = f"a{index}"
     payload = state_payload()
     ctx = zmq.Context()
@@ -113,6 +121,8 @@ def agent_main(conn: Connection, index: int) -> None:
             conn.send(run_raw_agent(ctx, pub, agent, payload, conn, **args))
             pub.close(linger=0)
             pub = None
+        elif cmd == "fwd-run":
+            conn.send(run_fwd_agent(ctx, agent, payload, conn, **args))
         elif cmd == "bus-run":
             conn.send(run_bus_agent(agent, payload, conn, **args))
     ctx.term()
@@ -151,6 +161,49 @@ def run_raw_agent(ctx: zmq.Context, pub: zmq.Socket, agent: str, payload: dict, 
             sender, _key, _seq, sent_at, _payload = msgpack.unpackb(frame, raw=False)
             window.seen(sender, sent_at)
     thread.join()
+    sub.close(linger=0)
+    return window.count, window.latencies
+
+
+def run_fwd_agent(ctx: zmq.Context, agent: str, payload: dict, conn: Connection, push_ep: str,
+                  sub_ep: str, seconds: float, period: float | None) -> tuple[int, list[float]]:
+    """Raw pyzmq + msgpack through a central forwarder: PUSH in, SUB out (own updates too)."""
+    push = ctx.socket(zmq.PUSH)
+    push.sndhwm, push.linger = HWM, 0
+    push.connect(push_ep)
+    sub = ctx.socket(zmq.SUB)
+    sub.rcvhwm, sub.linger = HWM, 0
+    sub.subscribe(b"")
+    sub.connect(sub_ep)
+    time.sleep(0.3)  # slow joiner: let the subscription reach the forwarder
+    conn.send("ready")
+    start = conn.recv()
+    window = Window(agent, start + WARMUP_S, start + WARMUP_S + seconds, period is not None)
+    key = f"agent/{agent}/phase"
+    lock = threading.Lock()  # zmq sockets are not thread-safe; publish happens in a thread
+
+    def publish() -> None:
+        body = msgpack.packb([agent, key, 0, time.time(), payload], use_bin_type=True)
+        with lock:
+            try:
+                push.send(body, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    thread = threading.Thread(target=publish_loop, args=(publish, start, window.end + 0.1, period))
+    thread.start()
+    while time.time() < window.end + 0.2:
+        if not sub.poll(50):
+            continue
+        for _ in range(1000):
+            try:
+                frame = sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            sender, _key, _seq, sent_at, _payload = msgpack.unpackb(frame, raw=False)
+            window.seen(sender, sent_at)
+    thread.join()
+    push.close(linger=0)
     sub.close(linger=0)
     return window.count, window.latencies
 
@@ -212,6 +265,37 @@ def run_raw(conns: list[Connection], seconds: float, period: float | None) -> Sa
     return gather(conns, seconds)
 
 
+def run_fwd(conns: list[Connection], seconds: float, period: float | None) -> Sample:
+    """A PULL -> PUB forwarder (zmq.proxy, in C) in this process, like the bus hub."""
+    ctx = zmq.Context()
+    pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
+    for s in (pull, pub):
+        s.sndhwm = s.rcvhwm = HWM
+        s.linger = 0
+    push_ep = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+    sub_ep = f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def forward() -> None:
+        try:
+            zmq.proxy(pull, pub)
+        except zmq.ContextTerminated:
+            pass  # the run is over: ctx.term() below ends the proxy
+        finally:
+            pull.close(linger=0)
+            pub.close(linger=0)
+
+    proxy = threading.Thread(target=forward, daemon=True)
+    proxy.start()
+    try:
+        for c in conns:
+            c.send(("fwd-run", dict(push_ep=push_ep, sub_ep=sub_ep, seconds=seconds,
+                                    period=period)))
+        return gather(conns, seconds)
+    finally:
+        ctx.term()
+        proxy.join(5)
+
+
 def run_bus(conns: list[Connection], seconds: float, period: float | None, security: str) -> Sample:
     config = BusConfig(endpoints=BusEndpoints.tcp(), security=security, hwm=HWM,
                        heartbeat_interval=0.2, hub_timeout=5.0, ttl=10.0, snapshot_timeout=5.0)
@@ -233,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="total paced updates/s (all agents together) for the latency runs")
     args = parser.parse_args(argv)
     setups = {
-        "raw pyzmq+msgpack": lambda c, s, p: run_raw(c, s, p),
+        "raw p2p (no hub)": lambda c, s, p: run_raw(c, s, p),
+        "raw fwd (zmq.proxy)": lambda c, s, p: run_fwd(c, s, p),
         "bus, CURVE off": lambda c, s, p: run_bus(c, s, p, "none"),
         "bus, CURVE on": lambda c, s, p: run_bus(c, s, p, "curve"),
     }
@@ -243,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
           f"updates/s in total")
     print(f"# {os.cpu_count()} CPUs, load average {load:.1f} at start; pyzmq {zmq.__version__}, "
           f"libzmq {zmq.zmq_version()}, msgpack {'.'.join(map(str, msgpack.version))}")
-    header = f"{'agents':>6}  {'setup':<18} {'updates/s':>10} {'vs raw':>7} {'p50 ms':>7} {'p99 ms':>7}"
+    header = (f"{'agents':>6}  {'setup':<19} {'updates/s':>10} {'vs fwd':>7} {'vs p2p':>7} "
+              f"{'p50 ms':>7} {'p99 ms':>7}")
     print(header)
     print("-" * len(header))
     spawn = mp.get_context("spawn")
@@ -255,15 +341,16 @@ def main(argv: list[str] | None = None) -> int:
             p.start()
         conns = [parent for parent, _ in pipes]
         try:
-            raw_rate = None
+            rates: dict[str, float] = {}
             for name, run in setups.items():
                 thr = [run(conns, args.seconds, None).updates_per_s for _ in range(args.repeats)]
                 lat = [run(conns, args.seconds, n / args.rate) for _ in range(args.repeats)]
-                rate = statistics.median(thr)
-                raw_rate = raw_rate or rate
+                rate = rates[name] = statistics.median(thr)
+                p2p, fwd = rates["raw p2p (no hub)"], rates.get("raw fwd (zmq.proxy)")
+                vs_fwd = f"{rate / fwd:>6.2f}x" if fwd else f"{'-':>7}"
                 p50 = statistics.median(s.p50_ms for s in lat)
                 p99 = statistics.median(s.p99_ms for s in lat)
-                print(f"{n:>6}  {name:<18} {rate:>10,.0f} {rate / raw_rate:>6.2f}x "
+                print(f"{n:>6}  {name:<19} {rate:>10,.0f} {vs_fwd} {rate / p2p:>6.2f}x "
                       f"{p50:>7.3f} {p99:>7.3f}", flush=True)
         finally:
             for c in conns:
