@@ -31,7 +31,10 @@ class BlockTrace:
 
 
 class ResoFormerBlock(nn.Module):
-    def __init__(self, config: ResoLLMConfig) -> None:
+    """``evolve_phases=False`` for the last block: nothing after it reads its phases, so it takes
+    no Kuramoto step (the model's output phases are the last block's input phases)."""
+
+    def __init__(self, config: ResoLLMConfig, evolve_phases: bool = True) -> None:
         super().__init__()
         self.ln_attn = nn.LayerNorm(config.dim, bias=config.bias)
         self.attn = ResonantAttention(config)
@@ -39,9 +42,10 @@ class ResoFormerBlock(nn.Module):
         self.ffn = ResonantFFN(config.dim, config.ffn_mult * config.dim, config.bias, config.dropout,
                                config.stochastic_resonance.weak_fraction)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.needs_field = config.use_kuramoto or config.use_coherence_gating
+        self.needs_field = (config.use_kuramoto and evolve_phases) or config.use_coherence_gating
         self.gate = CoherenceGate(config.gate_threshold) if config.use_coherence_gating else None
-        self.kuramoto = KuramotoCoupling(config.kuramoto_dt, config.kuramoto_coupling_init) if config.use_kuramoto else None
+        self.kuramoto = (KuramotoCoupling(config.kuramoto_dt, config.kuramoto_coupling_init)
+                         if config.use_kuramoto and evolve_phases else None)
         # Widths of the input projection's read-outs: [qkv | omega | gate logit]
         self.in_widths = [self.attn.qkv_width, config.num_phases if self.kuramoto else 0, 1 if self.gate else 0]
         self.in_proj = nn.Linear(config.dim, sum(self.in_widths), bias=config.bias)

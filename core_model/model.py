@@ -52,7 +52,8 @@ class ResoLLMModel(CognitionMixin, nn.Module):
         self.config = config
         self.embed = PrimeTokenEmbedding(config)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(ResoFormerBlock(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(ResoFormerBlock(config, evolve_phases=i < config.num_layers - 1)
+                                    for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.dim, bias=config.bias)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:

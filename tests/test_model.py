@@ -84,11 +84,12 @@ def test_kuramoto_changes_what_phase_consumers_see():
     state = with_k.state_dict()
     for i, b in enumerate(with_k.blocks):  # the model without Kuramoto has no omega rows
         state[f"blocks.{i}.in_proj.weight"] = b.in_rows("qkv")
+    assert with_k.blocks[-1].kuramoto is None  # nothing reads the last block's phases
     without.load_state_dict(state, strict=False)
     x = ids()
     assert not torch.allclose(with_k(x).logits, without(x).logits, atol=1e-5)
     with torch.no_grad():  # dt * (omega + K pull) = 0: phases stay, logits equal the model without it
-        for b in with_k.blocks:
+        for b in with_k.blocks[:-1]:
             b.in_rows("omega").zero_()
             b.kuramoto.coupling.zero_()
     assert torch.allclose(with_k(x).logits, without(x).logits, atol=1e-6)
@@ -183,6 +184,9 @@ def test_gradients_reach_every_resonant_parameter():
     for n in names:
         g = params[n].grad
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, n
+    # every network parameter is trained by the LM loss (inference-time projections excepted)
+    unused = [n for n, p in params.items() if p.grad is None and not n.startswith(("concept_proj", "memory_proj"))]
+    assert not unused
 
 
 @pytest.mark.parametrize("vanilla", [False, True])
