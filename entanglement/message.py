@@ -60,7 +60,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +84,6 @@ _NUMBERS = frozenset({int, float})
 
 Payload = dict[str, Any]
 
-_packb = partial(msgpack.packb, use_bin_type=True)
 _BATCH_PREFIX = b"\x94" + msgpack.packb(WIRE_VERSION)  # fixarray of 4, then the version
 _FIXARRAY = [bytes([0x90 | n]) for n in range(16)]
 
@@ -209,7 +207,7 @@ def pack_batch(epoch: int, last_seq: int, bodies: Sequence[bytes]) -> bytes:
         length = b"\xdc" + n.to_bytes(2, "big")
     else:
         length = b"\xdd" + n.to_bytes(4, "big")
-    return b"".join((_BATCH_PREFIX, _packb(epoch), _packb(last_seq), length, *bodies))
+    return b"".join((_BATCH_PREFIX, msgpack.packb(epoch), msgpack.packb(last_seq), length, *bodies))
 
 
 def unpack_batch(
@@ -260,7 +258,7 @@ def encode_update(agent: str, key: str, payload: Mapping[str, Any] | None) -> by
     plain = None if payload is None else _plain_payload(payload)
     _check_payload(plain)
     try:
-        return _packb([WIRE_VERSION, key, 0, 0, agent, time.time(), plain])
+        return msgpack.packb([WIRE_VERSION, key, 0, 0, agent, time.time(), plain], use_bin_type=True)
     except (OverflowError, ValueError) as exc:  # e.g. an int beyond msgpack's 64-bit range
         raise MalformedMessage(f"cannot pack {key!r}: {exc}") from exc
 
@@ -269,8 +267,10 @@ def _plain_payload(payload: Mapping[str, Any]) -> Payload:
     """A plain dict copy of `payload`, numpy values converted (see `make_update`)."""
     plain = dict(payload)
     for name, value in plain.items():
-        if type(value) not in _SCALAR_TYPES:
-            plain[name] = _plain(name, value)
+        kind = type(value)
+        if kind in _SCALAR_TYPES or (kind is list and set(map(type, value)) <= _SCALAR_TYPES):
+            continue  # already plain (the common case)
+        plain[name] = _plain(name, value)
     return plain
 
 
@@ -295,7 +295,18 @@ def _plain(name: str, value: Any) -> Any:
     return value
 
 
+_valid_keys: set[str] = set()  # keys that passed the full check (bounded memo, see below)
+_VALID_KEYS_MAX = 1 << 16
+_INF = math.inf
+
+
 def _check_envelope(key: Any, seq: Any, epoch: Any, agent: Any, timestamp: Any) -> None:
+    # Hot path (every message, every receiver): one chained test for the common, valid case;
+    # a key's validity is a pure function of the string, so it is memoised.
+    if (type(key) is str and type(agent) is str and type(seq) is int and type(epoch) is int
+            and type(timestamp) is float and 0 <= seq <= _MAX_INT and 0 <= epoch <= _MAX_INT
+            and -_INF < timestamp < _INF and key in _valid_keys):
+        return
     if type(key) is not str or not key:
         raise MalformedMessage(f"key must be a non-empty str, got {key!r:.80}")
     if type(agent) is not str:
@@ -310,6 +321,9 @@ def _check_envelope(key: Any, seq: Any, epoch: Any, agent: Any, timestamp: Any) 
             raise MalformedMessage(f"unknown control key {key!r:.80}")
     elif key_owner(key) is None:
         raise MalformedMessage(f"state key must look like agent/<id>/<name>, got {key!r:.80}")
+    if len(_valid_keys) >= _VALID_KEYS_MAX:
+        _valid_keys.clear()  # a flood of distinct keys: start over rather than grow
+    _valid_keys.add(key)
 
 
 def _check_payload(payload: Any) -> None:
@@ -322,7 +336,7 @@ def _check_payload(payload: Any) -> None:
         if type(name) is not str:
             raise MalformedMessage(f"payload field names must be str, got {name!r:.80}")
         kind = type(value)
-        if kind not in _SCALAR_TYPES and not (kind is list and {type(x) for x in value} <= _SCALAR_TYPES):
+        if kind not in _SCALAR_TYPES and not (kind is list and set(map(type, value)) <= _SCALAR_TYPES):
             raise MalformedMessage(f"payload field {name!r}: unsupported value {value!r:.80}")
     if "phases" in payload:
         phases = payload["phases"]
@@ -330,7 +344,7 @@ def _check_payload(payload: Any) -> None:
             raise MalformedMessage("payload 'phases' must be float32 bytes (length % 4 == 0)")
     if "sedenion" in payload:
         sed = payload["sedenion"]
-        if type(sed) is not list or len(sed) != SEDENION_DIM or not {type(x) for x in sed} <= _NUMBERS:
+        if type(sed) is not list or len(sed) != SEDENION_DIM or not set(map(type, sed)) <= _NUMBERS:
             raise MalformedMessage(f"payload 'sedenion' must be a list of {SEDENION_DIM} numbers")
     if "coherence" in payload and type(payload["coherence"]) not in _NUMBERS:
         raise MalformedMessage("payload 'coherence' must be a number")
