@@ -13,6 +13,14 @@ P is the number of peers, K the run's `coupling`. The model adds F_a to its phas
 towards oscillator k of the others; K = 0 gives F = 0 exactly (independent agents). Stale peers
 pull less: a peer silent for a few tau contributes almost nothing.
 
+The model takes the same field in mean-field form, so that it can act on every position of a
+sequence (each with its own phase) without knowing the peers: ``peer_mean_field`` returns
+
+    Z_a[k] = (K / P) * sum_p  w_p * exp(1j * theta_p[k])        as (N, 2) = (Re, Im)
+
+and ``|Z| sin(arg Z - theta) = (K / P) sum_p w_p sin(theta_p - theta)`` is F_a evaluated at any
+phase ``theta``.
+
 Sedenion fold
 -------------
 Agent a's 16-dimensional memory state s_a takes a small, staleness-weighted step towards its
@@ -68,6 +76,26 @@ def external_field(
             raise CouplingError(f"peer {agent!r} has phases of shape {theta.shape}, own {own.shape}")
         field += staleness_weight(age, staleness_tau) * np.sin(theta - own)
     return (coupling / len(peer_phases)) * field
+
+
+def peer_mean_field(
+    peer_phases: PeerPhases,
+    coupling: float,
+    num_phases: int,
+    staleness_tau: float = math.inf,
+) -> np.ndarray:
+    """The peers' weighted mean field Z_a as (N, 2) float32 (Re, Im): the model's ``external_field``."""
+    field = np.zeros((num_phases, 2), dtype=np.float64)
+    if coupling == 0 or not peer_phases:
+        return field.astype(np.float32)
+    for agent, (phases, age) in peer_phases.items():
+        theta = np.asarray(phases, dtype=np.float64)
+        if theta.shape != (num_phases,):
+            raise CouplingError(f"peer {agent!r} has phases of shape {theta.shape}, expected ({num_phases},)")
+        w = staleness_weight(age, staleness_tau)
+        field[:, 0] += w * np.cos(theta)
+        field[:, 1] += w * np.sin(theta)
+    return ((coupling / len(peer_phases)) * field).astype(np.float32)
 
 
 def fold_sedenion(
