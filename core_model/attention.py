@@ -63,13 +63,17 @@ class ResonantAttention(nn.Module):
         """w_h = lambda_h * sqrt(d) / F, shape (1, H, 1, 1)."""
         return (self.resonance * (math.sqrt(self.head_dim) / self.num_phases)).view(1, -1, 1, 1)
 
-    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k (B, H, T, d_s) and v (B, H, T, d) from the projected qkv (B, T, qkv_width)."""
+    def split_heads(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """q, k (B, H, T, d_s) and v (B, H, T, d) from the projected qkv (B, T, qkv_width), with
+        RoPE applied to q and k together (one set of kernels for both)."""
         B, T, _ = qkv.shape
         H, d_s = self.num_heads, self.sem_dim
-        q, k, v = qkv.split([H * d_s, H * d_s, H * self.head_dim], dim=-1)
-        return (q.view(B, T, H, d_s).transpose(1, 2), k.view(B, T, H, d_s).transpose(1, 2),
-                v.view(B, T, H, self.head_dim).transpose(1, 2))
+        qk, v = qkv.split([2 * H * d_s, H * self.head_dim], dim=-1)
+        qk = qk.view(B, T, 2 * H, d_s).transpose(1, 2)  # (B, 2H, T, d_s)
+        if rope is not None:
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split(H, dim=1)
+        return q, k, v.view(B, T, H, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -84,9 +88,7 @@ class ResonantAttention(nn.Module):
         (B, 1, T, T_k) or None for plain causal. Returns (B, T, D)."""
         B, T, _ = qkv.shape
         H = self.num_heads
-        q, k, v = self.split_heads(qkv)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.split_heads(qkv, rope)
         if self.resonant:
             # (cos, sin) pairs interleaved: the order is irrelevant as q and k share it
             feats = u.flatten(-2).unsqueeze(1)  # (B, 1, T, 2F)
@@ -113,9 +115,7 @@ class ResonantAttention(nn.Module):
 
     def explicit_scores(self, qkv: torch.Tensor, theta: torch.Tensor, rope=None) -> torch.Tensor:
         """Reference path for tests: the explicit ``s*QK^T + lambda*R`` logits (B, H, T, T)."""
-        q, k, _ = self.split_heads(qkv)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, _ = self.split_heads(qkv, rope)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
         if self.resonant:
             R = torch.cos(theta.unsqueeze(2) - theta.unsqueeze(1)).mean(-1)  # (B, T, T)

@@ -54,7 +54,9 @@ def test_progress_rises_when_the_text_matches_the_goal():
 
 def test_goal_changes_the_output_at_a_fixed_seed_and_fills_goals_achieved():
     tok = create_default_tokenizer()
-    model = tiny()
+    # Random weights have flat logits: a steering bias of 3 achieved the goal for 6 of 6 weight
+    # seeds (1.5, the default for trained models, for 2 of 6).
+    model = tiny(agency=AgencyConfig(goal_bias=3.0))
     engine = ResoLLMInference(model, tok)
     plain = engine.generate("Tell me about the sea.", max_length=120, seed=3, stop_at_eos=False)
     steered = engine.generate_with_goal("Tell me about the sea.", "describe ocean waves", max_length=120, seed=3,
