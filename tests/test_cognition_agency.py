@@ -10,23 +10,13 @@ import torch
 
 from core_model.cognition import CognitionError
 from core_model.cognition.agency import Goal, content_words, group_words, steering_bias
-from core_model.config import AgencyConfig, ResoLLMConfig
+from core_model.config import AgencyConfig
 from core_model.inference import ResoLLMInference
-from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
+from model_helpers import one_torch_thread, tiny  # noqa: F401  (fixture)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(seed: int = 0, **kw) -> ResoLLMModel:
-    torch.manual_seed(seed)
-    return ResoLLMModel(ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256, **kw)).eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_goal_fields_and_content_words():

@@ -10,27 +10,17 @@ import pytest
 import torch
 
 from core_model.cognition import CognitionError, TemporalSedenionMemory
-from core_model.config import ResoLLMConfig, TemporalSMFConfig
+from core_model.config import TemporalSMFConfig
 from core_model.inference import ResoLLMInference
-from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
+from model_helpers import one_torch_thread, tiny  # noqa: F401  (fixture)
 
 FACTS = ["The capital of France is Paris.", "Bananas are rich in potassium.", "The meeting is on Tuesday at noon.",
          "Quantum computers use qubits.", "My favourite colour is green.", "The train leaves from platform nine.",
          "Octopuses have three hearts.", "Water boils at one hundred degrees."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(seed: int = 0, **kw) -> ResoLLMModel:
-    torch.manual_seed(seed)
-    return ResoLLMModel(ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256, **kw)).eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_recall_finds_the_stored_text_among_distractors():

@@ -14,25 +14,15 @@ from hypothesis import strategies as st
 from core_model.cognition import CognitionError
 from core_model.cognition.api import ConceptInput
 from core_model.cognition.prsc import ConceptStore, interference_coherence, prime_phases
-from core_model.config import PRSCConfig, ResoLLMConfig
+from core_model.config import PRSCConfig
 from core_model.embedding import log_prime_phases
 from core_model.inference import ResoLLMInference
-from core_model.model import ResoLLMModel
 from core_model.primes import first_primes
 from core_model.tokenizer import create_default_tokenizer
+from model_helpers import one_torch_thread, tiny  # noqa: F401  (fixture)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(seed: int = 0, **kw) -> ResoLLMModel:
-    torch.manual_seed(seed)
-    return ResoLLMModel(ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256, **kw)).eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def circular_close(a, b, tol=1e-6) -> bool:

@@ -10,23 +10,13 @@ import torch
 from core_model.cognition.stability import (
     PredictiveStability, StabilityState, TemperatureController, detect_period, stability_score,
 )
-from core_model.config import ResoLLMConfig, StabilityConfig
+from core_model.config import StabilityConfig
 from core_model.inference import ResoLLMInference
-from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
+from model_helpers import one_torch_thread, tiny  # noqa: F401  (fixture)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(seed: int = 0, **kw) -> ResoLLMModel:
-    torch.manual_seed(seed)
-    return ResoLLMModel(ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256, **kw)).eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_detect_period():

@@ -11,25 +11,15 @@ from core_model.config import (
     AgencyConfig, PRSCConfig, ResoLLMConfig, StabilityConfig, StochasticResonanceConfig, TemporalSMFConfig,
 )
 from core_model.inference import GenerationResult, ResoLLMInference
-from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
+from model_helpers import one_torch_thread, tiny  # noqa: F401  (fixture)
 
 SEED_FIELDS = ("text", "tokens_generated", "stability", "lyapunov", "entropy_trace", "lyapunov_trace",
                "temperature_trace", "coherence_trace", "goals_achieved", "attention_summary", "warnings",
                "generation_time_ms")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(seed: int = 0, **kw) -> ResoLLMModel:
-    torch.manual_seed(seed)
-    return ResoLLMModel(ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256, **kw)).eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def all_off() -> dict:
