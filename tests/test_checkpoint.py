@@ -12,7 +12,7 @@ import torch
 from core_model.checkpoint import CheckpointError, load_checkpoint
 from core_model.config import ResoLLMConfig
 from core_model.model import ResoLLMModel
-from core_model.tokenizer import create_default_tokenizer, train_bpe_tokenizer
+from core_model.tokenizer import train_bpe_tokenizer
 
 
 def tiny(**kw):
