@@ -79,8 +79,9 @@ class BusConfig:
     security: "curve" (default) encrypts and authenticates every tcp/ipc connection; "none" is
         an explicit opt-out. Over inproc:// libzmq performs no security handshake at all; the
         trust boundary there is the process (nodes must share the hub's context).
-    hwm: send and receive high-water mark of every data socket (messages). PUB drops above it;
-        the sequence numbers make such drops visible to nodes as gaps, which trigger a re-sync.
+    hwm: send and receive high-water mark of every data socket (messages; on PUB one message is
+        a batch of updates, see `entanglement.message`). PUB drops above it; the sequence
+        numbers make such drops visible to nodes as gaps, which trigger a re-sync.
     heartbeat_interval: seconds between hub heartbeats (on PUB) and node heartbeats (to the hub).
     hub_timeout: a node that hears nothing from the hub for this long re-connects and re-syncs.
     ttl: the hub expires all keys of an agent whose heartbeats stopped for this long.

@@ -19,8 +19,17 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from entanglement import BusConfig, BusEndpoints, BusHub, BusNode, MalformedMessage, unpack
-from entanglement.message import WIRE_VERSION, pack_batch
+from entanglement import (
+    BusConfig,
+    BusEndpoints,
+    BusHub,
+    BusNode,
+    MalformedMessage,
+    MessageLimits,
+    StateUpdate,
+    unpack,
+)
+from entanglement.message import BATCH_OVERHEAD, WIRE_VERSION, pack_batch, unpack_batch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -303,3 +312,50 @@ def test_malformed_body_inside_a_batch_is_counted_and_its_hole_resyncs() -> None
         pub.close()
         router.close()
         ctx.term()
+
+
+def test_hub_splits_batches_at_the_message_limits() -> None:
+    """A burst bigger than one batch may hold goes out as several, each within the limits the
+    nodes apply, with contiguous positional sequence numbers; a node still converges."""
+    limits = MessageLimits(max_frame_bytes=2000, max_array_len=8)
+    hub = BusHub(BusConfig(endpoints=BusEndpoints.tcp(), limits=limits, **CONFIG)).start()
+    watcher = BusNode("watcher", hub.config)
+    ctx = zmq.Context()
+    push, sub = ctx.socket(zmq.PUSH), ctx.socket(zmq.SUB)
+    for s in (push, sub):
+        s.linger = 0
+    sub.subscribe(b"")
+    sub.connect(hub.config.endpoints.publish)
+    push.connect(hub.config.endpoints.collect)
+    try:
+        assert watcher.wait_active(5)
+        assert sub.poll(5000)  # a heartbeat: the subscription is live
+        while sub.poll(0):
+            sub.recv()
+        bodies = [packb([WIRE_VERSION, f"agent/a1/k{i % 40}", 0, 0, "a1", 1.0,
+                         {"s": "x" * (i % 300), "step": i}]) for i in range(400)]
+        for b in bodies:
+            push.send(b)
+        seqs: list[int] = []
+        sizes: list[int] = []
+        while len(seqs) < len(bodies):
+            assert sub.poll(5000)
+            frame = sub.recv()
+            _, last_seq, items = unpack_batch(frame, limits)
+            assert len(frame) <= limits.max_frame_bytes + BATCH_OVERHEAD
+            assert len(items) <= limits.max_array_len
+            assert all(type(u) is StateUpdate for u in items)
+            seqs.extend(u.seq for u in items)
+            sizes.append(len(items))
+        assert seqs == list(range(seqs[0], seqs[0] + len(bodies)))
+        assert max(sizes) > 1  # a burst is batched
+        assert [u.payload["step"] for u in hub.keys_snapshot().values()] == list(range(360, 400))
+        assert watcher.wait_for(lambda n: n.seq == hub.seq, 10)
+        assert watcher.state() == hub.keys_snapshot()
+        assert watcher.counters.malformed == 0 and watcher.counters.gaps == 0
+    finally:
+        push.close()
+        sub.close()
+        ctx.term()
+        watcher.close()
+        hub.stop()
