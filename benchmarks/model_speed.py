@@ -4,7 +4,7 @@ Prints one table: training tokens/s (forward + backward + AdamW step) and cached
 for the full model and the vanilla setting, at the small preset and at nanoGPT's CPU size, plus
 cached against uncached decoding. Medians over interleaved repeats, measured in one run.
 
-    python benchmarks/model_speed.py            # about 3-4 minutes on 2 CPU cores
+    python benchmarks/model_speed.py            # about 6-8 minutes on 2 CPU cores
     python benchmarks/model_speed.py --quick    # a smoke run
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from core_model.config import ResoLLMConfig, small_config
+from core_model.config import ResoLLMConfig, medium_config, small_config
 from core_model.tokenizer import DEFAULT_VOCAB_SIZE
 from core_model.model import ResoLLMModel
 
@@ -27,6 +27,7 @@ SIZES: dict[str, tuple[Callable[..., ResoLLMConfig], int, int]] = {
     "nanoGPT cpu (4x128)": (
         lambda **kw: ResoLLMConfig(vocab_size=DEFAULT_VOCAB_SIZE, dim=128, num_layers=4, num_heads=4, num_phases=4,
                                    max_seq_len=512, **kw), 12, 64),
+    "medium (8x512)": (lambda **kw: medium_config(**kw), 4, 256),
 }
 
 
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of: {', '.join(SIZES)}")
     ap.add_argument("--quick", action="store_true", help="1 repeat, few steps, 64 new tokens")
     args = ap.parse_args()
     if args.quick:
@@ -80,7 +82,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} interleaved repeats\n")
 
     rows = []
-    for name, (factory, batch, seq) in SIZES.items():
+    for name in args.sizes.split(","):
+        factory, batch, seq = SIZES[name]
         torch.manual_seed(0)
         models = {"full": ResoLLMModel(factory()), "vanilla": ResoLLMModel(factory(vanilla=True))}
         train = median_interleaved(
