@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
           f"updates/s in total")
     print(f"# {os.cpu_count()} CPUs, load average {load:.1f} at start; pyzmq {zmq.__version__}, "
           f"libzmq {zmq.zmq_version()}, msgpack {'.'.join(map(str, msgpack.version))}")
+    print("# raw p2p: direct PUB/SUB agent to agent, NO hub hop, no validation (an upper bound); "
+          "raw fwd: PUSH -> zmq.proxy PULL->PUB forwarder -> SUB, no validation (the fair "
+          "baseline for a hub design); vs fwd / vs p2p: updates/s relative to those rows")
     header = (f"{'agents':>6}  {'setup':<19} {'updates/s':>10} {'vs fwd':>7} {'vs p2p':>7} "
               f"{'p50 ms':>7} {'p99 ms':>7}")
     print(header)
