@@ -99,8 +99,9 @@ class BusHub:
         self.epoch = secrets.randbits(62) + 1
         self.counters = HubCounters()
         self._seq = 0
-        # key -> (stamped update, its stamped body or None until a snapshot needs it)
-        self._map: dict[str, tuple[StateUpdate, bytes | None]] = {}
+        # key -> (update as received, the seq it was stamped with, its stamped body or None
+        # until a snapshot needs it): the stamped `StateUpdate` is only built on demand
+        self._map: dict[str, tuple[StateUpdate, int, bytes | None]] = {}
         self._batch: list[bytes] = []  # bodies stamped this loop turn, not yet published
         self._batch_bytes = 0
         self._seen: dict[str, float] = {}  # agent -> monotonic time last heard
@@ -189,7 +190,10 @@ class BusHub:
 
     def keys_snapshot(self) -> dict[str, StateUpdate]:
         """A copy of the hub's map (for tests and diagnostics)."""
-        return {k: v[0] for k, v in list(self._map.items())}
+        return {k: self._stamped(m, seq) for k, (m, seq, _) in list(self._map.items())}
+
+    def _stamped(self, msg: StateUpdate, seq: int) -> StateUpdate:
+        return StateUpdate(msg.key, msg.agent, msg.payload, seq, self.epoch, msg.timestamp)
 
     def _close_pipe(self) -> None:
         if self._pipe is not None:
@@ -325,8 +329,7 @@ class BusHub:
         if delete:
             self._map.pop(msg.key, None)
         else:
-            stamped = StateUpdate(msg.key, msg.agent, msg.payload, self._seq, self.epoch, msg.timestamp)
-            self._map[msg.key] = (stamped, None)
+            self._map[msg.key] = (msg, self._seq, None)
         self._batch.append(body)
         self._batch_bytes += len(body)
         self.counters.published += 1
@@ -360,11 +363,11 @@ class BusHub:
         if req.key != SNAPSHOT_REQUEST or type(prefix) is not str:
             self.counters.rejected += 1
             return
-        for key, (stamped, body) in self._map.items():
+        for key, (msg, seq, body) in self._map.items():
             if key.startswith(prefix):
                 if body is None:  # encoded on first demand, then kept until the key changes
-                    body = encode_body(stamped)
-                    self._map[key] = (stamped, body)
+                    body = encode_body(self._stamped(msg, seq))
+                    self._map[key] = (msg, seq, body)
                 snapshot.send_multipart([identity, body])
         end = StateUpdate(SNAPSHOT_END, HUB_AGENT, {"request": payload.get("request", 0)},
                           self._seq, self.epoch, time.time())
@@ -378,7 +381,7 @@ class BusHub:
             for agent in gone:
                 del self._seen[agent]
         for agent in gone:
-            keys = [k for k, (m, _) in self._map.items() if m.agent == agent]
+            keys = [k for k, (m, _, _) in self._map.items() if m.agent == agent]
             log.debug("hub: agent %r silent for > %.2fs, expiring %d keys", agent, ttl, len(keys))
             self.counters.expired_agents += 1
             self.counters.expired_keys += len(keys)
