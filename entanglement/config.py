@@ -42,7 +42,9 @@ class BusEndpoints:
 
     @classmethod
     def ipc(cls, directory: str | None = None) -> BusEndpoints:
-        """IPC endpoints in `directory` (a fresh temporary directory by default)."""
+        """IPC endpoints in `directory`; by default a fresh temporary directory, which is left in
+        place so that a hub can be restarted on the same endpoints: pass a directory you own (and
+        remove) when you create many buses."""
         base = directory or tempfile.mkdtemp(prefix="reso-bus-")
         return cls(
             f"ipc://{os.path.join(base, 'snapshot')}",

@@ -27,3 +27,10 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def ipc_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A short directory for ipc:// endpoints (Unix socket paths are limited to ~107 bytes),
+    removed with pytest's other temporary directories."""
+    return str(tmp_path_factory.mktemp("ipc"))

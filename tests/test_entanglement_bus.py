@@ -43,17 +43,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def endpoints_for(transport: str) -> BusEndpoints:
+def endpoints_for(transport: str, ipc_dir: str) -> BusEndpoints:
     if transport == "tcp":
         return BusEndpoints.tcp()
     if transport == "ipc":
-        return BusEndpoints.ipc()
+        return BusEndpoints.ipc(ipc_dir)
     return BusEndpoints.inproc()
 
 
 @pytest.fixture(params=["inproc", "ipc", "tcp"])
-def hub(request: pytest.FixtureRequest) -> Iterator[BusHub]:
-    hub = BusHub(BusConfig(endpoints=endpoints_for(request.param), **FAST)).start()
+def hub(request: pytest.FixtureRequest, ipc_dir: str) -> Iterator[BusHub]:
+    hub = BusHub(BusConfig(endpoints=endpoints_for(request.param, ipc_dir), **FAST)).start()
     yield hub
     hub.stop()
 

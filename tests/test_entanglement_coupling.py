@@ -78,7 +78,7 @@ def test_order_parameters() -> None:
     assert inter_agent_order(np.array([[0.0], [2 * math.pi / 3], [4 * math.pi / 3]])) < 1e-9
 
 
-def run_coupled_agents(coupling: float, seed: int, steps: int = 400, n: int = 16,
+def run_coupled_agents(coupling: float, seed: int, ipc_dir: str, steps: int = 400, n: int = 16,
                        dt: float = 0.05) -> tuple[float, int]:
     """Three agents, each N oscillators with spread natural frequencies, stepping in lockstep.
 
@@ -91,7 +91,7 @@ def run_coupled_agents(coupling: float, seed: int, steps: int = 400, n: int = 16
     names = ["a0", "a1", "a2"]
     omega = 1.0 + 0.5 * rng.standard_normal((3, n))
     theta = rng.uniform(0, 2 * math.pi, (3, n))
-    hub = BusHub(BusConfig(endpoints=BusEndpoints.ipc(), heartbeat_interval=0.1, hub_timeout=2.0,
+    hub = BusHub(BusConfig(endpoints=BusEndpoints.ipc(ipc_dir), heartbeat_interval=0.1, hub_timeout=2.0,
                            ttl=5.0)).start()
     nodes = [BusNode(a, hub.config, hub.credentials()) for a in names]
     order = []
@@ -129,9 +129,9 @@ def run_coupled_agents(coupling: float, seed: int, steps: int = 400, n: int = 16
     return float(np.mean(order)), updates
 
 
-def test_oscillators_coupled_through_the_bus_synchronise() -> None:
-    coupled, updates = run_coupled_agents(coupling=2.0, seed=7)
-    independent, _ = run_coupled_agents(coupling=0.0, seed=7)
+def test_oscillators_coupled_through_the_bus_synchronise(tmp_path_factory: pytest.TempPathFactory) -> None:
+    coupled, updates = run_coupled_agents(coupling=2.0, seed=7, ipc_dir=str(tmp_path_factory.mktemp("ipc")))
+    independent, _ = run_coupled_agents(coupling=0.0, seed=7, ipc_dir=str(tmp_path_factory.mktemp("ipc")))
     assert updates == 3 * 400
     assert coupled > 0.9
     # Three independent uniform phases give about 0.52 on average.

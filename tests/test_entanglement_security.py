@@ -29,8 +29,8 @@ REFUSAL_WINDOW = 0.6  # seconds an intruder gets to try
 
 
 @pytest.fixture(params=["tcp", "ipc"])
-def hub(request: pytest.FixtureRequest) -> Iterator[BusHub]:
-    eps = BusEndpoints.tcp() if request.param == "tcp" else BusEndpoints.ipc()
+def hub(request: pytest.FixtureRequest, ipc_dir: str) -> Iterator[BusHub]:
+    eps = BusEndpoints.tcp() if request.param == "tcp" else BusEndpoints.ipc(ipc_dir)
     hub = BusHub(BusConfig(endpoints=eps, **FAST)).start()
     yield hub
     hub.stop()
