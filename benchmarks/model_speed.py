@@ -59,6 +59,26 @@ def decode_tokens_per_s(model: ResoLLMModel, new_tokens: int, use_cache: bool) -
     return len(out[0]) / (time.perf_counter() - t)
 
 
+def kernels_per_decode_step(model: ResoLLMModel) -> int:
+    """ATen operators dispatched for one cached decode step (batch 1): the per-token overhead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model.eval()
+    with torch.inference_mode():
+        cache = model.new_cache(1, 32)
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        with Count():
+            model(torch.tensor([[4]]), cache=cache, last_only=True)
+    return Count.n
+
+
 def median_interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     runs: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
@@ -96,18 +116,21 @@ def main() -> None:
                 "full_uncached": lambda: decode_tokens_per_s(models["full"], args.new_tokens, False),
             },
             args.repeats)
+        kernels = {k: kernels_per_decode_step(m) for k, m in models.items()}
         rows.append((name, models["full"].num_parameters(), models["vanilla"].num_parameters(), batch, seq,
-                     train, decode))
+                     train, decode, kernels))
 
     header = (f"{'size':<22}{'params full/vanilla':>22}{'train tok/s full':>18}{'vanilla':>10}{'ratio':>8}"
-              f"{'decode tok/s full':>19}{'vanilla':>10}{'ratio':>8}{'uncached':>10}{'cached/uncached':>17}")
+              f"{'decode tok/s full':>19}{'vanilla':>10}{'ratio':>8}{'uncached':>10}{'cached/uncached':>17}"
+              f"{'kernels/token full/vanilla':>28}")
     print(header)
     print("-" * len(header))
-    for name, pf, pv, batch, seq, train, decode in rows:
+    for name, pf, pv, batch, seq, train, decode, kernels in rows:
+        kernel_pair = f"{kernels['full']}/{kernels['vanilla']}"
         print(f"{name:<22}{f'{pf / 1e6:.2f}M/{pv / 1e6:.2f}M':>22}{train['full']:>18.0f}{train['vanilla']:>10.0f}"
               f"{train['full'] / train['vanilla']:>8.2f}{decode['full']:>19.0f}{decode['vanilla']:>10.0f}"
               f"{decode['full'] / decode['vanilla']:>8.2f}{decode['full_uncached']:>10.0f}"
-              f"{decode['full'] / decode['full_uncached']:>17.2f}")
+              f"{decode['full'] / decode['full_uncached']:>17.2f}{kernel_pair:>28}")
     print(f"\ntraining: batch x sequence per size as in the script; decode: batch 1, 16-token prompt, "
           f"{args.new_tokens} new tokens, greedy")
     print("targets: full >= 0.90x vanilla (train and decode); cached >= 5x uncached at 256 new tokens")
