@@ -81,8 +81,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = N
         state = load_file(str(directory / WEIGHTS_FILE))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{directory / WEIGHTS_FILE}: unreadable safetensors file ({exc})") from exc
-    model = ResoLLMModel(config)
-    expected = {k: v for k, v in model.state_dict().items()}
+    with torch.device("meta"):  # shapes only: a hostile config.json allocates nothing before the check
+        skeleton = ResoLLMModel(config)
+    expected = {k: v for k, v in skeleton.state_dict().items()}
     if config.tie_embeddings:
         expected.pop("head.weight", None)
     missing = sorted(set(expected) - set(state))
@@ -98,6 +99,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = N
         if wrong:
             parts.append("shape mismatch " + "; ".join(wrong[:5]))
         raise CheckpointError(f"{directory}: weights do not match config.json: " + ", ".join(parts))
+    model = ResoLLMModel(config)
     model.load_state_dict(state, strict=not config.tie_embeddings)
     if device is not None:
         model.to(device)

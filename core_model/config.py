@@ -250,6 +250,9 @@ class ResoLLMConfig:
             _check(semantic >= 2 and semantic % 2 == 0, "num_phases",
                    f"2*num_phases ({2 * self.num_phases}) must leave an even semantic part of at least 2 "
                    f"dims in each head of {self.head_dim} dims")
+        elif self.rope:
+            _check(self.head_dim % 2 == 0, "num_heads", f"RoPE needs an even head width, got dim/num_heads = "
+                   f"{self.dim}/{self.num_heads} = {self.head_dim}")
         for name in _SUBCONFIGS:
             getattr(self, name).validate(name)
 
@@ -274,6 +277,24 @@ class ResoLLMConfig:
         return sig
 
 
+def _check_type(value: Any, spec: dataclasses.Field, name: str) -> None:
+    """Values read from files must have the type of the field's default (ints may stand for floats)."""
+    default = spec.default
+    if default is dataclasses.MISSING:
+        return
+    expected = type(default)
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected.__name__}, got {type(value).__name__} ({value!r})")
+
+
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix}: expected a mapping, got {type(data).__name__}")
@@ -282,9 +303,12 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if unknown:
         raise ConfigError(f"{prefix}: unknown field(s) {unknown}")
     kwargs = {}
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key in _SUBCONFIGS and cls is ResoLLMConfig:
-            value = _from_dict(_SUBCONFIGS[key], value, f"{prefix}.{key}") if isinstance(value, dict) else value
+            value = _from_dict(_SUBCONFIGS[key], value, f"{prefix}.{key}")
+        else:
+            _check_type(value, defaults[key], f"{prefix}.{key}")
         kwargs[key] = value
     try:
         return cls(**kwargs)

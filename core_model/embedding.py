@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -26,9 +27,10 @@ from .primes import log_primes
 
 def log_prime_phases(vocab_size: int, num_phases: int) -> torch.Tensor:
     """``2*pi*frac(phi^k * ln p_i)`` for every token ``i`` and frequency ``k``: shape (V, F)."""
-    lp = torch.from_numpy(log_primes(vocab_size))  # (V,) float64
-    freqs = PHI ** torch.arange(num_phases, dtype=torch.float64)  # (F,)
-    return (2 * math.pi * torch.frac(lp[:, None] * freqs[None, :])).float()
+    lp = log_primes(vocab_size)  # (V,) float64
+    freqs = PHI ** np.arange(num_phases, dtype=np.float64)  # (F,)
+    x = lp[:, None] * freqs[None, :]
+    return torch.from_numpy(2 * math.pi * (x - np.floor(x))).float()
 
 
 class PrimeTokenEmbedding(nn.Module):

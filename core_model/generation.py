@@ -101,8 +101,12 @@ def generate(
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt; returns the new tokens of each prompt.
 
-    A row stops after emitting ``eos_id`` (included in its output).
+    A row stops after emitting ``eos_id`` (included in its output). ``seed=None`` means seed 0:
+    generation is always repeatable. The longest prompt plus ``max_new_tokens - 1`` must fit in
+    ``config.max_seq_len`` (checked before any work).
     """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     device = next(model.parameters()).device
     if isinstance(input_ids, torch.Tensor):
@@ -113,6 +117,10 @@ def generate(
         prompts = [list(p) for p in input_ids]
     ids, mask = left_pad(prompts, pad_id, device)
     B, T = ids.shape
+    limit = model.config.max_seq_len
+    if T + max(max_new_tokens - 1, 0) > limit:
+        raise ValueError(f"a prompt of {T} tokens plus {max_new_tokens} new tokens does not fit in max_seq_len "
+                         f"{limit}: shorten the prompt or ask for at most {max(limit - T + 1, 0)} new tokens")
     generator = torch.Generator(device=device)
     generator.manual_seed(0 if seed is None else seed)
     was_training = model.training
@@ -127,7 +135,10 @@ def generate(
         for step in range(max_new_tokens):
             if not use_cache:
                 logits = model(history, attention_mask=mask, external_field=external_field, last_only=True).logits
-            nxt = sample_next(logits[:, -1], params, generator, history if repetition_penalty != 1.0 else None)
+            seen = None
+            if repetition_penalty != 1.0:  # padding is no token a row produced: count its last real one instead
+                seen = torch.where(mask.bool(), history, history[:, -1:])
+            nxt = sample_next(logits[:, -1], params, generator, seen)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
             for i in range(B):
                 if not finished[i]:

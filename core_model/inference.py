@@ -103,8 +103,8 @@ class ResoLLMInference:
         s = self.sampling
         params = SamplingParams(s.temperature if temperature is None else temperature, top_k or s.top_k,
                                 top_p or s.top_p, s.repetition_penalty if repetition_penalty is None else repetition_penalty)
-        text = self.tokenizer.chat_prompt(prompt) if chat else prompt
-        ids = self.tokenizer.encode(text) or [self.tokenizer.bos_id]
+        tok = self.tokenizer
+        ids = (tok.chat_prompt_ids(prompt) if chat else tok.encode(prompt)) or [tok.bos_id]
         return self.generate_ids(ids, max_length, params, seed, prompt=prompt, chat=chat, stop_at_eos=stop_at_eos,
                                  halt_on_instability=halt_on_instability)
 

@@ -51,14 +51,16 @@ def prefix_mean_field(
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix mean field ``z`` (B, T, F, 2) of the phasors ``u`` (B, T, F, 2), continuing
-    ``past_sum`` (B, 1, F, 2). ``counts`` (B, T, 1, 1) holds ``n_i``; ``valid`` (B, T) masks padding.
-    Returns ``(z, running_sum)``, the running sum over every position so far (B, 1, F, 2)."""
+    ``past_sum`` (B, 1, F, 2). ``counts`` (B, T, 1, 1) holds ``n_i`` (0 before a row's first real
+    token); ``valid`` (B, T) masks padding. Sums are kept in float32 whatever ``u``'s dtype (a bf16
+    sum of hundreds of unit phasors would lose its accuracy). Returns ``(z, running_sum)``, ``z`` in
+    ``u``'s dtype, the running sum over every position so far (B, 1, F, 2) in float32."""
     if valid is not None:
         u = u * valid[:, :, None, None].to(u.dtype)
-    total = u.cumsum(dim=1) if u.shape[1] > 1 else u
+    total = u.float().cumsum(dim=1) if u.shape[1] > 1 else u.float()
     if past_sum is not None:
         total = total + past_sum
-    return total / counts, total[:, -1:]
+    return (total / counts.clamp(min=1)).to(u.dtype), total[:, -1:]
 
 
 def order_parameter(z: torch.Tensor, keepdim: bool = False) -> torch.Tensor:

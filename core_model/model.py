@@ -31,9 +31,9 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only
+    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only (the loss then covers the last position)
     loss: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None  # final normalised hidden state (B, T, D)
+    hidden: torch.Tensor | None = None  # final normalised hidden state (B, T, D), every position
     phases: torch.Tensor | None = None  # final-block phases (B, T, F)
     traces: list[BlockTrace] | None = None  # per block: order parameter and gate
 
@@ -106,7 +106,9 @@ class ResoLLMModel(CognitionMixin, nn.Module):
 
         x, theta = self.embed(input_ids)
         if input_offsets is not None:
-            x = x + input_offsets.to(x.dtype)
+            x = x + input_offsets.to(x)
+        if external_field is not None:
+            external_field = external_field.to(device=x.device)
         x = self.drop(x)
 
         positions, attn_mask = self._positions_and_mask(B, T, valid, cache, input_ids.device)
@@ -120,32 +122,33 @@ class ResoLLMModel(CognitionMixin, nn.Module):
             traces.append(trace)
         if cache is not None:
             cache.length = start + T
-            cache.next_pos = positions[:, -1] + 1
+            cache.next_pos = cache.next_pos + (valid.sum(1) if valid is not None else T)  # real tokens only
             if counts is not None:
                 cache.phase_count = counts[:, -1, 0, 0]
             if theta is not None:
                 cache.last_phases = theta[:, -1].detach()
 
         hidden = self.ln_f(x)
-        if last_only:
-            hidden = hidden[:, -1:]
-        logits = self.head(hidden)
+        logits = self.head(hidden[:, -1:] if last_only else hidden)
         loss = None
         if targets is not None:
+            if last_only:
+                targets = targets[:, -1:]
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return ModelOutput(logits=logits, loss=loss, hidden=hidden, phases=theta, traces=traces)
 
     @staticmethod
     def _field_counts(B, T, valid, cache, device) -> torch.Tensor:
-        """``n_i`` of every prefix mean field (B, T, 1): valid tokens up to and including ``i``."""
+        """``n_i`` of every prefix mean field (B, T, 1, 1): valid tokens up to and including ``i``
+        (0 before a row's first real token; the mean field divides by ``max(n_i, 1)``)."""
         if valid is None:
             counts = torch.arange(1, T + 1, device=device, dtype=torch.float32).expand(B, T)
         else:
             counts = valid.float().cumsum(1)
         if cache is not None:
             counts = counts + cache.phase_count.unsqueeze(1)
-        return counts.clamp(min=1)[:, :, None, None]
+        return counts[:, :, None, None]
 
     def _positions_and_mask(self, B, T, valid, cache, device):
         """RoPE positions (B, T) and a boolean attention mask (B, 1, T, T_k), or None when plain causal."""

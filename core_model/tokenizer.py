@@ -13,6 +13,7 @@ Chat template (one conversation)::
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class ResoTokenizer:
         self.end_id = backend.token_to_id(END)
         self.role_ids = {role: backend.token_to_id(tok) for role, tok in ROLE_TOKENS.items()}
         self.special_ids = frozenset(backend.token_to_id(t) for t in SPECIAL_TOKENS)
+        self._literal_lock = threading.Lock()
 
     # --- sizes and primes -------------------------------------------------------------
     @property
@@ -69,6 +71,16 @@ class ResoTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token strings inside it become their ids."""
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Token ids of ``text`` with special-token strings kept as plain text: for user input, so
+        that typing ``<|system|>`` cannot forge a turn of the chat template."""
+        with self._literal_lock:
+            self.backend.encode_special_tokens = True
+            try:
+                return self.backend.encode(text, add_special_tokens=False).ids
+            finally:
+                self.backend.encode_special_tokens = False
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
@@ -97,6 +109,20 @@ class ResoTokenizer:
     def chat_prompt(self, user_text: str, system: str | None = None) -> str:
         turns = ([ChatTurn("system", system)] if system else []) + [ChatTurn("user", user_text)]
         return self.format_chat(turns, add_generation_prompt=True)
+
+    def encode_chat(self, turns: Sequence[ChatTurn], add_generation_prompt: bool = False) -> list[int]:
+        """The ids of :meth:`format_chat`, with each turn's text encoded literally (see
+        :meth:`encode_literal`): only the template itself produces special tokens."""
+        ids = [self.bos_id]
+        for turn in turns:
+            ids += [self.role_ids[turn.role], *self.encode_literal(turn.text), self.end_id]
+        ids.append(self.role_ids["assistant"] if add_generation_prompt else self.eos_id)
+        return ids
+
+    def chat_prompt_ids(self, user_text: str, system: str | None = None) -> list[int]:
+        """Ids of a one-turn chat prompt ending in the assistant's role token."""
+        turns = ([ChatTurn("system", system)] if system else []) + [ChatTurn("user", user_text)]
+        return self.encode_chat(turns, add_generation_prompt=True)
 
     # --- persistence ------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

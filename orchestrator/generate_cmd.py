@@ -57,8 +57,7 @@ def register(app: typer.Typer) -> None:
         from core_model.kuramoto import global_order_parameter
 
         model, tokenizer = load_model_and_tokenizer(checkpoint, preset, seed, device)
-        text = tokenizer.chat_prompt(prompt) if chat else prompt
-        ids = tokenizer.encode(text) or [tokenizer.bos_id]
+        ids = (tokenizer.chat_prompt_ids(prompt) if chat else tokenizer.encode(prompt)) or [tokenizer.bos_id]
         started = time.perf_counter()
         new = model.generate([ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,

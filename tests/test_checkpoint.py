@@ -102,3 +102,17 @@ def test_a_pickle_in_place_of_the_weights_is_refused_without_running_it(saved, t
     (path / "model.safetensors").write_bytes(b"\x00" * 3)
     with pytest.raises(CheckpointError, match="unreadable safetensors"):
         load_checkpoint(path)
+
+
+def test_config_values_of_the_wrong_type_are_refused(saved):
+    _, path = saved
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"]["dim"] = 64.0
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"config.dim: expected int, got float"):
+        load_checkpoint(path)
+    meta["config"]["dim"] = 64
+    meta["config"]["agency"] = 5
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="config.agency: expected a mapping"):
+        load_checkpoint(path)

@@ -233,3 +233,40 @@ def test_loss_ignores_masked_targets_and_sequence_limit_is_enforced():
     assert torch.allclose(out.loss, manual, atol=1e-6)
     with pytest.raises(ValueError, match="exceeds"):
         model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_chunked_prefill_with_an_all_padding_chunk_matches_one_forward():
+    model = build()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 0, 0, 20, 21]])
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 0, 1, 1]])
+    full = model(ids, attention_mask=mask).logits
+    cache = model.new_cache(2, 8)
+    first = model(ids[:, :3], attention_mask=mask[:, :3], cache=cache).logits
+    assert cache.phase_count.tolist() == [3.0, 0.0] and cache.next_pos.tolist() == [3, 0]
+    second = model(ids[:, 3:], attention_mask=mask[:, 3:], cache=cache).logits
+    got = torch.cat([first, second], 1)
+    assert torch.allclose(got[0], full[0], atol=1e-5) and torch.allclose(got[1, 4:], full[1, 4:], atol=1e-5)
+
+
+def test_generation_limits_and_padding_free_repetition_penalty():
+    model = build(max_seq_len=32)
+    with pytest.raises(ValueError, match="does not fit in max_seq_len 32"):
+        model.generate([[1] * 30], max_new_tokens=5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate([[1, 2]], max_new_tokens=-1)
+    assert len(model.generate([[1] * 30], max_new_tokens=3)[0]) == 3
+    alone = model.generate([[7, 8]], max_new_tokens=6, temperature=0.0, repetition_penalty=1.5)[0]
+    pad = alone[0]  # padding with the very token the short prompt picks first must not penalise it
+    batched = model.generate([[1, 2, 3, 4, 5], [7, 8]], max_new_tokens=6, temperature=0.0,
+                             repetition_penalty=1.5, pad_id=pad)[1]
+    assert batched == alone
+
+
+def test_last_only_loss_and_bf16_weights():
+    model = build()
+    x = ids(B=2, T=10)
+    out = model(x, x, last_only=True)
+    assert out.logits.shape == (2, 1, 263) and out.hidden.shape[1] == 10
+    assert torch.allclose(out.loss, F.cross_entropy(model(x).logits[:, -1], x[:, -1]), atol=1e-5)
+    half = build().to(torch.bfloat16)
+    assert half(x).logits.dtype == torch.bfloat16 and torch.isfinite(half(x).logits.float()).all()

@@ -71,7 +71,7 @@ def run_interactive(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO,
             engine.model.update_memory(msg, USER_IMPORTANCE)
         session.history.append({"role": "user", "text": msg})
         turns = [ChatTurn(t["role"], t["text"]) for t in session.history]
-        ids = tok.encode(tok.format_chat(turns, add_generation_prompt=True))
+        ids = tok.encode_chat(turns, add_generation_prompt=True)
         result = engine.generate_ids(ids, max_length, chat=True, prompt=msg)
         if pending_goal is not None and pending_goal.status == "active":
             pending_goal.status = "abandoned"
