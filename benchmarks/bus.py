@@ -72,6 +72,7 @@ class Window:
     def __init__(self, agent: str, start: float, end: float, keep_latency: bool) -> None:
         self.agent, self.start, self.end, self.keep = agent, start, end, keep_latency
         self.count = 0
+        self.dropped = 0  # raw sends refused by a full queue
         self.latencies: list[float] = []
 
     def seen(self, sender: str, sent_at: float) -> None:
@@ -80,6 +81,20 @@ class Window:
             self.count += 1
             if self.keep:
                 self.latencies.append(now - sent_at)
+
+
+def receive_raw(sub: zmq.Socket, window: Window) -> None:
+    """Drain `sub` (plain msgpack state messages) into `window` until the window has closed."""
+    while time.time() < window.end + 0.2:
+        if not sub.poll(50):
+            continue
+        for _ in range(1000):
+            try:
+                frame = sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            sender, _key, _seq, sent_at, _payload = msgpack.unpackb(frame, raw=False)
+            window.seen(sender, sent_at)
 
 
 def publish_loop(publish: Any, start: float, end: float, period: float | None) -> None:
@@ -145,21 +160,12 @@ def run_raw_agent(ctx: zmq.Context, pub: zmq.Socket, agent: str, payload: dict, 
         body = msgpack.packb([agent, key, 0, time.time(), payload], use_bin_type=True)
         try:
             pub.send(body, zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        except zmq.Again:  # a full queue: the update is lost, as a raw PUB would lose it
+            window.dropped += 1
 
     thread = threading.Thread(target=publish_loop, args=(publish, start, window.end + 0.1, period))
     thread.start()
-    while time.time() < window.end + 0.2:
-        if not sub.poll(50):
-            continue
-        for _ in range(1000):
-            try:
-                frame = sub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            sender, _key, _seq, sent_at, _payload = msgpack.unpackb(frame, raw=False)
-            window.seen(sender, sent_at)
+    receive_raw(sub, window)
     thread.join()
     sub.close(linger=0)
     return window.count, window.latencies
@@ -187,21 +193,12 @@ def run_fwd_agent(ctx: zmq.Context, agent: str, payload: dict, conn: Connection,
         with lock:
             try:
                 push.send(body, zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+            except zmq.Again:  # a full queue: the update is lost (counted, not retried)
+                window.dropped += 1
 
     thread = threading.Thread(target=publish_loop, args=(publish, start, window.end + 0.1, period))
     thread.start()
-    while time.time() < window.end + 0.2:
-        if not sub.poll(50):
-            continue
-        for _ in range(1000):
-            try:
-                frame = sub.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            sender, _key, _seq, sent_at, _payload = msgpack.unpackb(frame, raw=False)
-            window.seen(sender, sent_at)
+    receive_raw(sub, window)
     thread.join()
     push.close(linger=0)
     sub.close(linger=0)
