@@ -92,7 +92,7 @@ class ResonantAttention(nn.Module):
         if self.resonant:
             # (cos, sin) pairs interleaved: the order is irrelevant as q and k share it
             feats = u.flatten(-2).unsqueeze(1)  # (B, 1, T, 2F)
-            q = torch.cat([q, (self.phase_weight() * feats).expand(B, H, T, -1)], dim=-1)
+            q = torch.cat([q, self.phase_weight() * feats], dim=-1)  # (B, H, T, 2F) by broadcasting
             k = torch.cat([k, feats.expand(B, H, T, -1)], dim=-1)
         if cache is not None:
             end = cache_start + T

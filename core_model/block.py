@@ -26,7 +26,7 @@ from .kuramoto import PHASOR_SHIFTS, KuramotoCoupling, order_parameter, phasor_p
 
 @dataclass
 class BlockTrace:
-    order: torch.Tensor | None  # (B, T) local order parameter of this block's input phases
+    order: torch.Tensor | None  # (B, T, 1) local order parameter of this block's input phases
     gate: torch.Tensor | None  # (B, T, 1): sigma(.), the gate g = 2 * sigma(.) lies in (0, 2)
 
 
@@ -67,7 +67,8 @@ class ResoFormerBlock(nn.Module):
         qkv, omega, gate_logit = self.in_proj(self.ln_attn(x)).split(self.in_widths, dim=-1)
         u = u_perp = z = order = None
         if theta is not None:  # (cos, sin) and (-sin, cos) of theta, shared by every phase consumer
-            u, u_perp = phasor_pairs(theta, self.phasor_shifts.to(theta.dtype))
+            shifts = self.phasor_shifts if self.phasor_shifts.dtype == theta.dtype else self.phasor_shifts.to(theta.dtype)
+            u, u_perp = phasor_pairs(theta, shifts)
         if self.needs_field:
             past = cache.phase_sum if cache is not None else None
             z, running = prefix_mean_field(u, counts, past, valid)
@@ -81,7 +82,7 @@ class ResoFormerBlock(nn.Module):
         x = x + f if gate is None else torch.addcmul(x, gate, f, value=2.0)
         if self.kuramoto is not None:
             theta = self.kuramoto(theta, omega, z, external, u_perp)
-        return x, theta, BlockTrace(order.squeeze(-1) if order is not None else None, gate)
+        return x, theta, BlockTrace(order, gate)
 
     # Named views of the input projection's rows (for tests and analysis)
     def in_rows(self, part: str) -> torch.Tensor:

@@ -44,6 +44,8 @@ class PrimeTokenEmbedding(nn.Module):
         if self.blend_enabled:
             self.phase_proj = nn.Linear(2 * config.num_phases, config.dim, bias=False)
             self.blend_logit = nn.Parameter(torch.full((config.dim,), -2.0))
+            # cos(theta - s) for s = 0, pi/2 gives [cos theta, sin theta] in one kernel
+            self.register_buffer("cos_sin_shift", torch.tensor([[0.0], [math.pi / 2]]), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``(x, theta)``: x (B, T, D) and the token phases (B, T, F) or None."""
@@ -52,7 +54,6 @@ class PrimeTokenEmbedding(nn.Module):
             return x, None
         theta = self.phase_table[input_ids]  # (B, T, F)
         if self.blend_enabled:
-            feats = torch.cat([theta.cos(), theta.sin()], dim=-1)  # (B, T, 2F)
-            a = torch.sigmoid(self.blend_logit)
-            x = (1 - a) * x + a * self.phase_proj(feats)
+            feats = torch.cos(theta.unsqueeze(-2) - self.cos_sin_shift).flatten(-2)  # (B, T, 2F): [cos, sin]
+            x = torch.lerp(x, self.phase_proj(feats), torch.sigmoid(self.blend_logit))  # (1-a) E + a P
         return x, theta

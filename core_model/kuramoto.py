@@ -51,16 +51,18 @@ def prefix_mean_field(
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix mean field ``z`` (B, T, F, 2) of the phasors ``u`` (B, T, F, 2), continuing
-    ``past_sum`` (B, 1, F, 2). ``counts`` (B, T, 1, 1) holds ``n_i`` (0 before a row's first real
-    token); ``valid`` (B, T) masks padding. Sums are kept in float32 whatever ``u``'s dtype (a bf16
+    ``past_sum`` (B, 1, F, 2). ``counts`` (B, T, 1, 1) holds ``max(n_i, 1)`` (``n_i`` is 0 before a
+    row's first real token); ``valid`` (B, T) masks padding. Sums are kept in float32 whatever ``u``'s dtype (a bf16
     sum of hundreds of unit phasors would lose its accuracy). Returns ``(z, running_sum)``, ``z`` in
     ``u``'s dtype, the running sum over every position so far (B, 1, F, 2) in float32."""
     if valid is not None:
         u = u * valid[:, :, None, None].to(u.dtype)
-    total = u.float().cumsum(dim=1) if u.shape[1] > 1 else u.float()
+    u32 = u if u.dtype == torch.float32 else u.float()
+    total = u32.cumsum(dim=1) if u.shape[1] > 1 else u32
     if past_sum is not None:
         total = total + past_sum
-    return (total / counts.clamp(min=1)).to(u.dtype), total[:, -1:]
+    z = total / counts
+    return (z if z.dtype == u.dtype else z.to(u.dtype)), total[:, -1:]
 
 
 def order_parameter(z: torch.Tensor, keepdim: bool = False) -> torch.Tensor:

@@ -42,7 +42,7 @@ class ModelOutput:
         """Kuramoto order parameter of the last block's input, per position (B, T)."""
         if not self.traces or self.traces[-1].order is None:
             return None
-        return self.traces[-1].order
+        return self.traces[-1].order.squeeze(-1)
 
 
 class ResoLLMModel(CognitionMixin, nn.Module):
@@ -115,10 +115,11 @@ class ResoLLMModel(CognitionMixin, nn.Module):
         rope = rope_tables(positions, self.rope_inv_freq, x.dtype) if self.config.rope else None
 
         counts = self._field_counts(B, T, valid, cache, x.device) if theta is not None else None
+        divisors = counts.clamp(min=1) if counts is not None else None  # the mean fields' n, at least 1
         traces = []
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            x, theta, trace = block(x, theta, rope, attn_mask, valid, counts, external_field, layer_cache, start)
+            x, theta, trace = block(x, theta, rope, attn_mask, valid, divisors, external_field, layer_cache, start)
             traces.append(trace)
         if cache is not None:
             cache.length = start + T
