@@ -15,16 +15,12 @@ from core_model.config import ResoLLMConfig
 from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
 from orchestrator.cli import app
+from model_helpers import one_torch_thread  # noqa: F401  (fixture)
 
 METRICS = "[stability="
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,10 @@ from core_model.config import ResoLLMConfig, StochasticResonanceConfig
 from core_model.inference import ResoLLMInference
 from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
+from model_helpers import one_torch_thread  # noqa: F401  (fixture)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(sr: StochasticResonanceConfig | None = None, seed: int = 0) -> ResoLLMModel:

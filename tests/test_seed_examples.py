@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import one_torch_thread  # noqa: F401  (fixture)
 
 SEED = Path(__file__).resolve().parents[1].parent / "shared" / "seeds" / "reso-llm-v2.md"
 CLASSES = "(stable|periodic|chaotic|divergent)"
@@ -31,12 +32,7 @@ def seed_blocks() -> dict[str, str]:
     return blocks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_seed_document_examples_run_as_written(capsys, monkeypatch):
