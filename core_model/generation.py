@@ -140,9 +140,9 @@ def generate(
                 seen = torch.where(mask.bool(), history, history[:, -1:])
             nxt = sample_next(logits[:, -1], params, generator, seen)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-            for i in range(B):
-                if not finished[i]:
-                    out[i].append(int(nxt[i]))
+            for row, (token, done) in enumerate(zip(nxt.tolist(), finished.tolist())):  # one copy, not B
+                if not done:
+                    out[row].append(token)
             if eos_id is not None:
                 finished |= nxt == eos_id
             if bool(finished.all()) or step == max_new_tokens - 1:
