@@ -2,7 +2,7 @@
 
 A Clone-pattern (Clustered Hashmap Protocol) state bus: one `BusHub` per run sequences and
 republishes every agent's updates; each agent runs a `BusNode` that keeps a replica of the
-whole map. Messages are msgpack (`entanglement.message`), connections CURVE-encrypted and
+whole map. Messages are msgpack with a typed schema decoded by msgspec (`entanglement.message`), connections CURVE-encrypted and
 ZAP-authenticated by default (`entanglement.security`), and `entanglement.coupling` turns
 peers' state into the external Kuramoto field and the sedenion fold. This package knows
 nothing of Ray or of the model; `agents/` wires them together.
@@ -32,6 +32,7 @@ from entanglement.coupling import (
 from entanglement.hub import BusHub, HubCounters, HubError
 from entanglement.message import (
     MalformedMessage,
+    StatePayload,
     StateUpdate,
     agent_key,
     decode_phases,
@@ -46,7 +47,7 @@ from entanglement.security import BusKeys, CurveKeyPair, NodeCredentials, Securi
 __all__ = [
     "BusConfig", "BusEndpoints", "BusHub", "BusKeys", "BusNode", "ConfigError", "CouplingError",
     "CurveKeyPair", "HubCounters", "HubError", "MalformedMessage", "MessageLimits",
-    "NodeCounters", "NodeCredentials", "NodeError", "NodeState", "SecurityError", "StateUpdate",
+    "NodeCounters", "NodeCredentials", "NodeError", "NodeState", "SecurityError", "StatePayload", "StateUpdate",
     "agent_key", "decode_phases", "encode_phases", "external_field", "fold_sedenion",
     "inter_agent_order", "key_owner", "order_parameter", "pack", "staleness_weight", "unpack",
 ]

@@ -3,7 +3,7 @@
 The hub owns the sequence. Its thread runs one poll loop over
 
     collect  (PULL)    nodes' updates and heartbeats -> validate, stamp seq, store, publish
-    snapshot (ROUTER)  "$snapshot?" -> every stored key under the prefix, then "$snapshot-end"
+    snapshot (ROUTER)  "$snapshot?" -> every stored key, then "$snapshot-end"
     publish  (PUB)     batches of stamped updates and, every heartbeat_interval, an empty batch
                        with the last seq (the heartbeat)
     zap      (REP)     RFC 27 authentication of CURVE clients (security "curve" only)
@@ -32,7 +32,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import msgpack
 import zmq
 
 from entanglement.config import BusConfig, BusEndpoints
@@ -40,9 +39,10 @@ from entanglement.message import (
     NODE_HEARTBEAT,
     SNAPSHOT_END,
     SNAPSHOT_REQUEST,
-    WIRE_VERSION,
     MalformedMessage,
+    StatePayload,
     StateUpdate,
+    encode,
     key_owner,
     pack_batch,
     unpack,
@@ -69,15 +69,6 @@ class HubCounters:
     expired_agents: int = 0
     expired_keys: int = 0
     auth_denied: int = 0  # ZAP refusals
-
-
-def encode_body(update: StateUpdate) -> bytes:
-    """Pack an already validated update (the hub's fast path; `message.pack` validates)."""
-    return msgpack.packb(
-        [WIRE_VERSION, update.key, update.seq, update.epoch, update.agent, update.timestamp,
-         update.payload],
-        use_bin_type=True,
-    )
 
 
 class BusHub:
@@ -271,12 +262,14 @@ class BusHub:
                 self._zap.handle()
                 self.counters.auth_denied = self._zap.denied
             if collector in events:
-                for _ in range(_DRAIN):
+                for _ in range(_DRAIN):  # EVENTS instead of ending on a zmq.Again exception
                     try:
                         frame = collector.recv(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
                         break
                     self._collect(frame, publisher)
+                    if not collector.get(zmq.EVENTS) & zmq.POLLIN:
+                        break
                 self._flush(publisher)
             if snapshot in events:
                 for _ in range(_DRAIN):
@@ -358,20 +351,18 @@ class BusHub:
             self.counters.malformed += 1
             log.debug("hub: dropped malformed snapshot request: %s", exc)
             return
-        payload = req.payload or {}
-        prefix = payload.get("prefix", "")
-        if req.key != SNAPSHOT_REQUEST or type(prefix) is not str:
+        if req.key != SNAPSHOT_REQUEST:
             self.counters.rejected += 1
             return
         for key, (msg, seq, body) in self._map.items():
-            if key.startswith(prefix):
-                if body is None:  # encoded on first demand, then kept until the key changes
-                    body = encode_body(self._stamped(msg, seq))
-                    self._map[key] = (msg, seq, body)
-                snapshot.send_multipart([identity, body])
-        end = StateUpdate(SNAPSHOT_END, HUB_AGENT, {"request": payload.get("request", 0)},
+            if body is None:  # encoded on first demand, then kept until the key changes
+                body = encode(self._stamped(msg, seq))
+                self._map[key] = (msg, seq, body)
+            snapshot.send_multipart([identity, body])
+        request = req.payload.get("request", 0) if req.payload is not None else 0
+        end = StateUpdate(SNAPSHOT_END, HUB_AGENT, StatePayload(extra={"request": request}),
                           self._seq, self.epoch, time.time())
-        snapshot.send_multipart([identity, encode_body(end)])
+        snapshot.send_multipart([identity, encode(end)])
         self.counters.snapshots += 1
 
     def _expire(self, now: float, publisher: zmq.Socket) -> None:
@@ -387,4 +378,4 @@ class BusHub:
             self.counters.expired_keys += len(keys)
             for key in keys:
                 deletion = StateUpdate(key, agent, None, 0, 0, time.time())
-                self._publish(deletion, encode_body(deletion), publisher, delete=True)
+                self._publish(deletion, encode(deletion), publisher, delete=True)

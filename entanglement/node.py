@@ -42,9 +42,9 @@ from entanglement.message import (
     MalformedMessage,
     StateUpdate,
     agent_key,
+    encode,
     encode_update,
     make_update,
-    pack,
     unpack,
     unpack_batch,
 )
@@ -156,7 +156,7 @@ class BusNode:
         key = self._keys.get(name)
         if key is None:
             key = agent_key(self.agent_id, name)
-            pack(StateUpdate(key, self.agent_id, None))  # validates the key once per name
+            make_update(self.agent_id, key, None)  # validates the key once per name
             self._keys[name] = key
         body = encode_update(self.agent_id, key, payload)
         if self._closed or not self._thread.is_alive():
@@ -292,27 +292,35 @@ class BusNode:
             if now >= next_beat:
                 beat = make_update(self.agent_id, NODE_HEARTBEAT, None)
                 with self._send_lock:
-                    self._send(pack(beat), count=False)
+                    self._send(encode(beat), count=False)
                 next_beat = now + interval
             self._check_timers(now)
             events = dict(self._poller.poll(max(0.0, next_beat - time.monotonic()) * 1000.0))
             if self._pipe_in in events:
                 return  # the only message on the pipe is the stop request
-            if self._sub is not None and self._sub in events:
+            # Drain each readable socket, asking EVENTS whether more is queued: cheaper than
+            # ending every drain on a zmq.Again exception (one per wake-up at low rates).
+            sub = self._sub
+            if sub is not None and sub in events:
                 budget = _DRAIN  # updates, not messages: a batch may carry thousands
                 while budget > 0:
                     try:
-                        frames = self._sub.recv_multipart(zmq.NOBLOCK)
+                        frames = sub.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     budget -= self._on_sub(frames)
-            if self._dealer is not None and self._dealer in events:
+                    if not sub.get(zmq.EVENTS) & zmq.POLLIN:
+                        break
+            dealer = self._dealer
+            if dealer is not None and dealer in events:
                 for _ in range(_DRAIN):
                     try:
-                        frame = self._dealer.recv(zmq.NOBLOCK)
+                        frame = dealer.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     self._on_snapshot(frame)
+                    if not dealer.get(zmq.EVENTS) & zmq.POLLIN:
+                        break
 
     def _check_timers(self, now: float) -> None:
         if self._state is NodeState.CONNECTING:
@@ -351,10 +359,9 @@ class BusNode:
             self._counters.resyncs += 1
         self._request_id += 1
         self._snapshot_items = {}
-        request = make_update(self.agent_id, SNAPSHOT_REQUEST,
-                              {"prefix": "", "request": self._request_id})
+        request = make_update(self.agent_id, SNAPSHOT_REQUEST, {"request": self._request_id})
         assert self._dealer is not None
-        self._dealer.send(pack(request))
+        self._dealer.send(encode(request))
         self._request_sent = time.monotonic()
         self._set_state(NodeState.SYNCING)
 
@@ -430,7 +437,7 @@ class BusNode:
             if not msg.is_control and msg.payload is not None:
                 self._snapshot_items[msg.key] = msg
             return
-        if (msg.payload or {}).get("request") != self._request_id:
+        if msg.payload is None or msg.payload.get("request") != self._request_id:
             self._snapshot_items = {}  # the end of an older request: wait for ours
             return
         items, self._snapshot_items = self._snapshot_items, {}

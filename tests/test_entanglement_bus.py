@@ -229,8 +229,8 @@ def test_node_restart_resyncs_from_snapshot(hub: BusHub) -> None:
         a.publish("x", {"value": 3})
         b = make_node(hub, "b")  # restarted: subscribes, takes a snapshot, carries on
         assert wait_converged([a, b], hub)
-        assert b.latest("a")["x"].payload == {"value": 3}
-        assert b.latest("b")["x"].payload == {"value": 2}
+        assert b.latest("a")["x"].payload.to_dict() == {"value": 3}
+        assert b.latest("b")["x"].payload.to_dict() == {"value": 2}
     finally:
         a.close()
         b.close()
@@ -296,7 +296,7 @@ def test_dead_hub_is_detected_and_node_recovers_when_it_returns() -> None:
         hub = BusHub(config).start()
         assert node.wait_for(lambda n: "x" in n.latest("a"), 5)
         assert wait_converged([node], hub, timeout=5)
-        assert node.latest("a")["x"].payload == {"value": 7}
+        assert node.latest("a")["x"].payload.to_dict() == {"value": 7}
     finally:
         node.close()
         hub.stop()
@@ -333,7 +333,7 @@ def test_callback_errors_are_counted_not_fatal(hub: BusHub) -> None:
         assert node.wait_for(lambda n: n.counters.callback_errors >= 1, 5)
         node.publish("x", {"value": 2})
         assert node.wait_for(lambda n: n.latest("a").get("x") is not None
-                             and n.latest("a")["x"].payload == {"value": 2}, 5)
+                             and n.latest("a")["x"].payload.to_dict() == {"value": 2}, 5)
         assert node.alive
     finally:
         node.close()

@@ -50,8 +50,9 @@ def packb(obj: Any) -> bytes:
 
 agents = st.sampled_from(["a0", "a1", "a2"])
 valid_fields = st.builds(
-    lambda agent, name, value, ts: [WIRE_VERSION, f"agent/{agent}/{name}", 0, 0, agent, ts, {"value": value,
-                                    "sedenion": [float(value)] * 16, "step": value}],
+    lambda agent, name, value, ts: [WIRE_VERSION, f"agent/{agent}/{name}", agent,
+                                    {"extra": {"value": value}, "sedenion": [float(value)] * 16,
+                                     "step": value}, 0, 0, ts],
     agents, st.sampled_from(["phase", "sedenion", "x"]), st.integers(0, 1000),
     st.floats(0, 2e9, allow_nan=False),
 )
@@ -85,7 +86,7 @@ frames = st.one_of(
     st.tuples(valid_fields, st.integers(0, 6), wrong_types).map(
         lambda t: ("confused", _confuse(*t))),
     msgpack_values.map(lambda v: ("random", packb(v))),
-    st.tuples(st.sampled_from([b"", b"\x97\x02", b"\x97\x02\xa3abc\x00\x00"]),
+    st.tuples(st.sampled_from([b"", b"\x97\x03", b"\x97\x03\xa3abc\xa1a"]),
               st.sampled_from(HUGE_HEADERS), st.binary(max_size=32)).map(
         lambda t: ("bad", t[0] + t[1] + t[2])),  # huge declared lengths
     valid_fields.map(lambda f: ("good", packb(f))),
@@ -246,7 +247,7 @@ def test_node_counts_control_messages_that_do_not_belong_on_pub() -> None:
         assert wait_until(lambda: node.counters.malformed == node.counters.received)
         before = node.counters.malformed
         for key in ("$snapshot-end", "$snapshot?", "$heartbeat"):
-            frame = packb([WIRE_VERSION, key, 5, 9, "hub", 1.0, None])
+            frame = packb([WIRE_VERSION, key, "hub", None, 5, 9, 1.0])
             assert parses(frame) and not valid_in_batch(frame)
             pub.send(pack_batch(9, 5, [frame]))
         assert wait_until(lambda: node.counters.malformed == before + 3)
@@ -272,7 +273,7 @@ def test_malformed_body_inside_a_batch_is_counted_and_its_hole_resyncs() -> None
     epoch = 99
 
     def body(name: str, step: Any) -> bytes:
-        return packb([WIRE_VERSION, f"agent/a1/{name}", 0, 0, "a1", 1.0, {"step": step}])
+        return packb([WIRE_VERSION, f"agent/a1/{name}", "a1", {"step": step}, 0, 0, 1.0])
 
     def answer_snapshot(seq: int, items: dict[str, int]) -> None:
         assert router.poll(5000)
@@ -280,10 +281,11 @@ def test_malformed_body_inside_a_batch_is_counted_and_its_hole_resyncs() -> None
         req = unpack(request)
         assert req.key == "$snapshot?"
         for name, step in items.items():
-            router.send_multipart([identity, packb([WIRE_VERSION, f"agent/a1/{name}", seq, epoch,
-                                                    "a1", 1.0, {"step": step}])])
-        router.send_multipart([identity, packb([WIRE_VERSION, "$snapshot-end", seq, epoch, "hub",
-                                                1.0, {"request": req.payload["request"]}])])
+            router.send_multipart([identity, packb([WIRE_VERSION, f"agent/a1/{name}", "a1",
+                                                    {"step": step}, seq, epoch, 1.0])])
+        router.send_multipart([identity, packb([WIRE_VERSION, "$snapshot-end", "hub",
+                                                {"extra": {"request": req.payload["request"]}},
+                                                seq, epoch, 1.0])])
 
     try:
         answer_snapshot(0, {})
@@ -332,8 +334,9 @@ def test_hub_splits_batches_at_the_message_limits() -> None:
         assert sub.poll(5000)  # a heartbeat: the subscription is live
         while sub.poll(0):
             sub.recv()
-        bodies = [packb([WIRE_VERSION, f"agent/a1/k{i % 40}", 0, 0, "a1", 1.0,
-                         {"s": "x" * (i % 300), "step": i}]) for i in range(400)]
+        bodies = [packb([WIRE_VERSION, f"agent/a1/k{i % 40}", "a1",
+                         {"extra": {"s": "x" * (i % 300)}, "step": i}, 0, 0, 1.0])
+                  for i in range(400)]
         for b in bodies:
             push.send(b)
         seqs: list[int] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgpack
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from entanglement import (
     ConfigError,
     MalformedMessage,
     MessageLimits,
+    StatePayload,
     StateUpdate,
     agent_key,
     decode_phases,
@@ -32,12 +35,21 @@ from entanglement.message import (
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
-    st.floats(allow_nan=False), st.text(max_size=30), st.binary(max_size=30),
+    st.floats(allow_nan=False), st.text(max_size=30),
 )
-payloads = st.dictionaries(
-    st.text(max_size=10).filter(lambda k: k not in {"phases", "sedenion", "coherence", "step"}),
-    scalars | st.lists(scalars.filter(lambda v: v is not None), max_size=10),
+extras = st.dictionaries(
+    st.text(max_size=10).filter(lambda k: k not in {"phases", "sedenion", "coherence", "step",
+                                                    "extra"}),
+    scalars | st.lists(scalars, max_size=10),
     max_size=10,
+)
+payloads = st.builds(
+    lambda phases, sedenion, coherence, step, extra: {
+        k: v for k, v in dict(phases=phases, sedenion=sedenion, coherence=coherence, step=step,
+                              **extra).items() if v is not None},
+    st.none() | st.binary(max_size=64).map(lambda b: b[: len(b) // 4 * 4]),
+    st.none() | st.lists(st.floats(allow_nan=False), min_size=16, max_size=16),
+    st.none() | st.floats(0, 1), st.none() | st.integers(0, 2**63 - 1), extras,
 )
 
 
@@ -50,8 +62,13 @@ payloads = st.dictionaries(
 )
 @settings(max_examples=300, deadline=None)
 def test_pack_unpack_round_trip(agent: str, name: str, payload: dict | None, seq: int, ts: float) -> None:
-    update = StateUpdate(agent_key(agent, name), agent, payload, seq, 7, ts)
-    assert unpack(pack(update)) == update
+    update = make_update(agent, agent_key(agent, name), payload, seq, 7, ts)
+    decoded = unpack(pack(update))
+    assert decoded == update
+    assert (decoded.payload is None) == (payload is None)
+    if payload is not None:
+        assert decoded.payload.to_dict() == payload
+        assert all(decoded.payload[k] == v and k in decoded.payload for k, v in payload.items())
 
 
 @given(st.binary(max_size=512))
@@ -67,67 +84,82 @@ def body(*fields: object) -> bytes:
     return msgpack.packb(list(fields), use_bin_type=True)
 
 
-GOOD = [WIRE_VERSION, "agent/a/phase", 0, 0, "a", 1.0, {"step": 1}]
+V = WIRE_VERSION
+GOOD = [V, "agent/a/phase", "a", {"step": 1}, 0, 0, 1.0]
+
+
+def with_payload(payload: object) -> bytes:
+    return body(*GOOD[:3], payload, *GOOD[4:])
 
 
 @pytest.mark.parametrize(
     "frame, reason",
     [
-        (body(1, *GOOD[1:]), "version"),
-        (body(3, *GOOD[1:]), "version"),
-        (body(*GOOD[:6]), "7-element"),
-        (body(*GOOD, None), "7-element"),
-        (msgpack.packb({"key": "x"}), "7-element"),
-        (body(WIRE_VERSION, b"agent/a/phase", *GOOD[2:]), "key"),
-        (body(WIRE_VERSION, "", *GOOD[2:]), "key"),
-        (body(WIRE_VERSION, "phase", *GOOD[2:]), "agent/<id>/<name>"),
-        (body(WIRE_VERSION, "$evil", *GOOD[2:]), "control key"),
-        (body(*GOOD[:2], -1, *GOOD[3:]), "seq"),
-        (body(*GOOD[:2], 1.5, *GOOD[3:]), "seq"),
-        (body(*GOOD[:2], True, *GOOD[3:]), "seq"),
-        (body(*GOOD[:4], 5, *GOOD[5:]), "agent"),
-        (body(*GOOD[:5], float("nan"), GOOD[6]), "timestamp"),
-        (body(*GOOD[:5], "now", GOOD[6]), "timestamp"),
-        (body(*GOOD[:6], [1, 2]), "payload"),
-        (body(*GOOD[:6], {"x": {"nested": 1}}), "unsupported value"),
-        (body(*GOOD[:6], {"x": [[1]]}), "unsupported value"),
-        (body(*GOOD[:6], {"phases": b"abc"}), "phases"),
-        (body(*GOOD[:6], {"phases": [0.1]}), "phases"),
-        (body(*GOOD[:6], {"sedenion": [0.0] * 15}), "sedenion"),
-        (body(*GOOD[:6], {"sedenion": ["x"] * 16}), "sedenion"),
-        (body(*GOOD[:6], {"coherence": "high"}), "coherence"),
-        (body(*GOOD[:6], {"step": 1.0}), "step"),
-        (body(*GOOD[:6], {1: 2}), "msgpack"),
-        (body(*GOOD) + b"\x00", "msgpack"),
-        (body(*GOOD)[:-1], "msgpack"),
-        (b"\xc1", "msgpack"),
-        (b"\x97\x01\xc6\xff\xff\xff\xff", "msgpack"),
-        (b"\xdd\xff\xff\xff\xff", "msgpack"),
-        (msgpack.packb(msgpack.ExtType(5, b"xx")), "msgpack"),
+        (body(2, *GOOD[1:]), "Invalid value 2"),  # version 2 (and 1) frames are refused
+        (body(1, *GOOD[1:]), "Invalid value 1"),
+        (body(2, "agent/a/phase", 0, 0, "a", 1.0, {"step": 1}), "Invalid value 2"),
+        (body(*GOOD[:3]), "at least length 4"),
+        (body(*GOOD, None), "at most length"),
+        (msgpack.packb({"key": "x"}), "Expected `array`"),
+        (body(V, b"agent/a/phase", *GOOD[2:]), "Expected `str`"),
+        (body(V, "", *GOOD[2:]), "length >= 1"),
+        (body(V, "agent/" + "a" * 300 + "/x", *GOOD[2:]), "length <= 256"),
+        (body(V, "phase", *GOOD[2:]), "agent/<id>/<name>"),
+        (body(V, "$evil", *GOOD[2:]), "control key"),
+        (body(*GOOD[:4], -1, *GOOD[5:]), "`int` >= 0"),
+        (body(*GOOD[:4], 1.5, *GOOD[5:]), "Expected `int`"),
+        (body(*GOOD[:4], True, *GOOD[5:]), "Expected `int`"),
+        (body(*GOOD[:2], 5, *GOOD[3:]), "Expected `str`"),
+        (body(*GOOD[:6], float("nan")), "timestamp"),
+        (body(*GOOD[:6], "now"), "Expected `float`"),
+        (with_payload([1, 2]), "Expected `object | null`"),
+        (with_payload({"x": 1}), "unknown field `x`"),
+        (with_payload({"extra": {"x": {"nested": 1}}}), "Expected"),
+        (with_payload({"extra": {"x": [[1]]}}), "Expected"),
+        (with_payload({"extra": {"x": b"bytes"}}), "Expected"),
+        (with_payload({"extra": {str(i): i for i in range(65)}}), "length <= 64"),
+        (with_payload({"extra": {"s": "y" * 1025}}), "length <= 1024"),
+        (with_payload({"extra": {"l": [1] * 4097}}), "length <= 4096"),
+        (with_payload({"phases": b"abc"}), "multiple of 4"),
+        (with_payload({"phases": [0.1]}), "Expected `bytes"),
+        (with_payload({"sedenion": [0.0] * 15}), "length >= 16"),
+        (with_payload({"sedenion": ["x"] * 16}), "Expected `float`"),
+        (with_payload({"coherence": "high"}), "Expected `float"),
+        (with_payload({"step": 1.0}), "Expected `int"),
+        (with_payload({1: 2}), "Expected `str`"),
+        (body(*GOOD) + b"\x00", "trailing"),
+        (body(*GOOD)[:-1], "truncated"),
+        (b"\xc1", "invalid"),
+        (b"\x97\x03\xa2\xff\xfe", "utf-8"),
+        (b"\x97\x03\xc6\xff\xff\xff\xff", "truncated"),
+        (b"\xdd\xff\xff\xff\xff", "truncated"),
+        (msgpack.packb(msgpack.ExtType(5, b"xx")), "Expected `array`"),
         (b"\x00" * ((1 << 20) + 1), "exceeds"),
     ],
 )
 def test_malformed_frames_raise_typed_error(frame: bytes, reason: str) -> None:
-    with pytest.raises(MalformedMessage, match=reason.replace("$", r"\$")):
+    with pytest.raises(MalformedMessage, match=re.escape(reason)):
         unpack(frame)
 
 
-def test_limits_are_applied() -> None:
-    limits = MessageLimits(max_frame_bytes=10_000, max_bin_len=100, max_str_len=50,
-                           max_array_len=20, max_map_len=3)
-    ok = StateUpdate("agent/a/x", "a", {"b": b"x" * 100}, 0, 0, 1.0)
+def test_frame_limit_is_applied_before_decoding() -> None:
+    limits = MessageLimits(max_frame_bytes=200)
+    ok = make_update("a", "agent/a/x", {"phases": b"x" * 100}, timestamp=1.0)
     assert unpack(pack(ok), limits) == ok
-    for payload in ({"b": b"x" * 101}, {"s": "y" * 51}, {"l": [1] * 21},
-                    {"a": 1, "b": 2, "c": 3, "d": 4}):
+    with pytest.raises(MalformedMessage, match="exceeds 200"):
+        unpack(pack(make_update("a", "agent/a/x", {"phases": b"x" * 200})), limits)
+
+
+def test_make_update_rejects_what_unpack_would() -> None:
+    for payload in ({"o": object()}, {"step": 1.5}, {"i": 1 << 64}, {"sedenion": [1.0]},
+                    {"s": "y" * 1025}):
         with pytest.raises(MalformedMessage):
-            unpack(pack(StateUpdate("agent/a/x", "a", payload, 0, 0, 1.0)), limits)
-
-
-def test_pack_rejects_what_unpack_would() -> None:
-    with pytest.raises(MalformedMessage):
-        pack(StateUpdate("agent/a/x", "a", {"o": object()}, 0, 0, 1.0))
-    with pytest.raises(MalformedMessage):
-        pack(StateUpdate("not-a-key", "a", {}, 0, 0, 1.0))
+            make_update("a", "agent/a/x", payload)
+    for key in ("not-a-key", "$evil", "agent/" + "a" * 300 + "/x"):
+        with pytest.raises(MalformedMessage):
+            make_update("a", key, None)
+    with pytest.raises(MalformedMessage):  # a hand-built payload is checked too
+        pack(StateUpdate("agent/a/x", "a", StatePayload(step="x"), 0, 0, 1.0))  # type: ignore[arg-type]
 
 
 def test_phases_travel_as_float32_bytes() -> None:
@@ -135,11 +167,14 @@ def test_phases_travel_as_float32_bytes() -> None:
     update = make_update("a", agent_key("a", "phase"),
                          {"phases": phases, "coherence": np.float64(0.7), "step": np.int64(3),
                           "sedenion": np.arange(16.0)})
-    assert type(update.payload["phases"]) is bytes and len(update.payload["phases"]) == 64
+    assert type(update.payload.phases) is bytes and len(update.payload["phases"]) == 64
     decoded = unpack(pack(update))
     np.testing.assert_allclose(decode_phases(decoded.payload["phases"]), phases, rtol=1e-6)
     assert decoded.payload["coherence"] == 0.7 and decoded.payload["step"] == 3
     assert decoded.payload["sedenion"] == list(np.arange(16.0))
+    assert decoded.payload.get("missing", 5) == 5 and "missing" not in decoded.payload
+    with pytest.raises(KeyError):
+        decoded.payload["missing"]
     assert encode_phases(np.zeros(3)) == b"\x00" * 12
     with pytest.raises(MalformedMessage):
         decode_phases(b"\x00" * 5)
@@ -163,11 +198,11 @@ def test_config_validation_and_round_trip() -> None:
         BusConfig.from_dict({"endpoints": {"snapshot": "x"}})
 
 
-# -- hub batches (wire format version 2) -------------------------------------------------------
+# -- hub batches -------------------------------------------------------
 
 
 def _node_body(agent: str, name: str, payload: dict | None) -> bytes:
-    return pack(StateUpdate(agent_key(agent, name), agent, payload, 0, 0, 1.5))
+    return pack(make_update(agent, agent_key(agent, name), payload, timestamp=1.5))
 
 
 def test_batch_round_trip_stamps_positionally() -> None:
@@ -182,9 +217,10 @@ def test_batch_round_trip_stamps_positionally() -> None:
 
 def test_batch_with_a_malformed_body_keeps_its_neighbours() -> None:
     good = _node_body("a", "x", {"step": 1})
-    bad = [body(WIRE_VERSION, "agent/a/x", 0, 0, "a", 1.0, {"step": 1.5}),  # wrong type
-           body(WIRE_VERSION, "$snapshot-end", 0, 0, "hub", 1.0, None),  # control key
-           body(1, "agent/a/x", 0, 0, "a", 1.0, None),  # old version
+    bad = [body(V, "agent/a/x", "a", {"step": 1.5}, 0, 0, 1.0),  # wrong type
+           body(V, "$snapshot-end", "hub", None, 0, 0, 1.0),  # control key
+           body(2, "agent/a/x", 0, 0, "a", 1.0, None),  # old version
+           b"\x97\x03\xa2\xff\xfe\xa1a\xc0\x00\x00\x00",  # a key that is not UTF-8
            msgpack.packb(42)]
     for wrong in bad:
         _, _, items = unpack_batch(pack_batch(3, 12, [good, wrong, good]))
@@ -196,28 +232,28 @@ def test_batch_with_a_malformed_body_keeps_its_neighbours() -> None:
 @pytest.mark.parametrize(
     "frame, reason",
     [
-        (pack_batch(3, 12, [b"\xc1"]), "msgpack"),  # an undecodable body spoils the frame
-        (pack_batch(3, 12, [_node_body("a", "x", None)[:-1]]), "msgpack"),
-        (pack_batch(3, 12, [_node_body("a", "x", None)]) + b"\x00", "msgpack"),
-        (msgpack.packb([1, 3, 12, []]), "version"),
-        (msgpack.packb([WIRE_VERSION, 0, 12, []]), "epoch"),
-        (msgpack.packb([WIRE_VERSION, 3, -1, []]), "last_seq"),
-        (msgpack.packb([WIRE_VERSION, 3, 1.0, []]), "last_seq"),
-        (msgpack.packb([WIRE_VERSION, 3, 1, [1, 2]]), "at most last_seq"),
-        (msgpack.packb([WIRE_VERSION, 3, 12, {}]), "array"),
-        (msgpack.packb([WIRE_VERSION, 3, 12]), "4-element"),
-        (_node_body("a", "x", None), "4-element"),  # a bare body is not a batch
+        (pack_batch(3, 12, [b"\xc1"]), "invalid"),  # an undecodable body spoils the frame
+        (pack_batch(3, 12, [_node_body("a", "x", None)[:-1]]), "truncated"),
+        (pack_batch(3, 12, [_node_body("a", "x", None)]) + b"\x00", "trailing"),
+        (msgpack.packb([2, 3, 12, []]), "Invalid value 2"),
+        (msgpack.packb([V, 0, 12, []]), "`int` >= 1"),
+        (msgpack.packb([V, 3, -1, []]), "`int` >= 0"),
+        (msgpack.packb([V, 3, 1.0, []]), "Expected `int`"),
+        (msgpack.packb([V, 3, 1, [_node_body("a", "x", None)] * 2]), "ends at seq 1"),
+        (msgpack.packb([V, 3, 12, {}]), "Expected `array`"),
+        (msgpack.packb([V, 3, 12]), "at least length 4"),
+        (_node_body("a", "x", None), "Expected `int`"),  # a bare body is not a batch
         (b"\x00" * ((1 << 20) + BATCH_OVERHEAD + 1), "exceeds"),
     ],
 )
 def test_malformed_batches_raise_typed_error(frame: bytes, reason: str) -> None:
-    with pytest.raises(MalformedMessage, match=reason):
+    with pytest.raises(MalformedMessage, match=re.escape(reason)):
         unpack_batch(frame)
 
 
 def test_batch_limits_follow_message_limits() -> None:
     limits = MessageLimits(max_frame_bytes=1100, max_array_len=8)
-    body1 = _node_body("a", "x", {"s": "y" * 90})
+    body1 = _node_body("a", "x", {"s": "y" * 80})
     assert 100 < len(body1) < 125
     assert len(unpack_batch(pack_batch(1, 8, [body1] * 8), limits)[2]) == 8
     with pytest.raises(MalformedMessage, match="max_array_len"):  # nine bodies
@@ -234,6 +270,7 @@ def test_encode_update_matches_pack_of_make_update() -> None:
     fast = unpack(encode_update("a", "agent/a/phase", payload))
     slow = unpack(pack(make_update("a", "agent/a/phase", payload)))
     assert fast.payload == slow.payload and fast.key == slow.key and fast.agent == "a"
+    assert fast.payload.extra == {"label": "x"} and fast.payload.coherence == 0.25
     assert unpack(encode_update("a", "agent/a/phase", None)).payload is None
     for wrong in ({"o": object()}, {"step": 1.5}, {"i": 1 << 64}):
         with pytest.raises(MalformedMessage):
