@@ -2,9 +2,10 @@
 
 1. Cached decode speed (tokens/s, wall clock and per CPU-second of this single-threaded
    process: the CPU figure is the steadier one on a shared machine) of the seed's small preset (4 x 256, untrained) with
-   ResoLLMInference: every cognition component off, every component on (stability with the
-   Lyapunov twin catching up every 8 or every 32 steps, a goal steering, PRSC concepts occurring
-   in the prompt, memory conditioning, stochastic resonance armed), and on without the twin; plain
+   ResoLLMInference: every cognition component off, every component on at the defaults (the
+   Lyapunov twin catching up after 8, 16, 32, then every 64 steps, a goal steering, PRSC concepts
+   occurring in the prompt, memory conditioning, stochastic resonance armed), the same with the
+   twin catching up every 8 steps, and on without the twin; plain
    ``core_model.generation.generate`` as the reference. Runs are interleaved; medians.
 2. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
    byte tokenizer, inside this script): share of repeated 4-grams of the generations with SR off
@@ -50,9 +51,12 @@ def all_off(cfg: ResoLLMConfig) -> ResoLLMConfig:
                    stochastic_resonance=StochasticResonanceConfig(enabled=False))
 
 
-def all_on(cfg: ResoLLMConfig, lyapunov: bool = True, every: int = 8) -> ResoLLMConfig:
+def all_on(cfg: ResoLLMConfig, lyapunov: bool = True, every: int | None = None) -> ResoLLMConfig:
+    stability = StabilityConfig(lyapunov=lyapunov)
+    if every is not None:
+        stability = dataclasses.replace(stability, lyapunov_every=every)
     return variant(cfg, agency=AgencyConfig(), prsc=PRSCConfig(), temporal_smf=TemporalSMFConfig(),
-                   stability=StabilityConfig(lyapunov=lyapunov, lyapunov_every=every),
+                   stability=stability,
                    stochastic_resonance=StochasticResonanceConfig(enabled=True))
 
 
@@ -92,8 +96,8 @@ def speed(args) -> list[tuple[str, float, float]]:
         return run
 
     runs = {"plain generate (reference)": plain, "engine, all cognition off": engine(all_off(base), False),
-            "engine, all on (twin every 8, default)": engine(all_on(base), True),
-            "engine, all on (twin every 32)": engine(all_on(base, every=32), True),
+            "engine, all on (defaults)": engine(all_on(base), True),
+            "engine, all on, twin every 8": engine(all_on(base, every=8), True),
             "engine, all on but Lyapunov twin": engine(all_on(base, lyapunov=False), True)}
     samples = {k: [] for k in runs}
     for f in runs.values():  # warm-up
@@ -174,7 +178,7 @@ def repetition(args) -> tuple[list[tuple[str, float, float, float]], float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15, help="interleaved runs per configuration (median)")
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--gen-tokens", type=int, default=200)

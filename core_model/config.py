@@ -38,7 +38,8 @@ class AgencyConfig:
     intensity_weight: float = 0.2
     goal_bias: float = 1.5  # logit bias towards goal tokens, scaled up when progress stalls
     achievement_threshold: float = 0.6
-    update_every: int = 8  # decoding steps between goal-progress and attention-foci updates
+    update_every: int = 8  # decoding steps between goal-progress updates (they steer decoding)
+    foci_every: int = 32  # decoding steps between attention-foci updates (and one at the end)
 
     def validate(self, prefix: str = "agency") -> None:
         _check(self.max_foci >= 1, f"{prefix}.max_foci", f"must be >= 1, got {self.max_foci}")
@@ -47,6 +48,7 @@ class AgencyConfig:
             _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
         _check(0 < self.achievement_threshold <= 1, f"{prefix}.achievement_threshold", "must lie in (0, 1]")
         _check(self.update_every >= 1, f"{prefix}.update_every", "must be >= 1")
+        _check(self.foci_every >= 1, f"{prefix}.foci_every", "must be >= 1")
 
 
 @dataclass
@@ -92,7 +94,7 @@ class StabilityConfig:
     halt_on_instability: bool = False
     min_tokens_before_halt: int = 16
     lyapunov: bool = True  # run a perturbed twin trajectory for the Lyapunov estimate
-    lyapunov_every: int = 8  # twin catches up (one forward of this many tokens) every N steps
+    lyapunov_every: int = 64  # twin catches up (one forward) after 8, 16, 32, then every N steps
     perturbation: float = 1e-3  # relative size of the twin's prompt perturbation
     entropy_low: float = 0.15  # normalised entropy below which the temperature is raised
     entropy_high: float = 0.85  # ... above which it is lowered

@@ -106,7 +106,7 @@ class ResoLLMModel(CognitionMixin, nn.Module):
 
         x, theta = self.embed(input_ids)
         if input_offsets is not None:
-            x = x + input_offsets.to(x)
+            x = x + (input_offsets if input_offsets.dtype == x.dtype else input_offsets.to(x.dtype))
         if external_field is not None:
             external_field = external_field.to(device=x.device)
         x = self.drop(x)

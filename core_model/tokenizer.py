@@ -88,6 +88,10 @@ class ResoTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_pieces(self, ids: Sequence[int]) -> list[str]:
+        """Each token decoded on its own (one call into the backend for all of them)."""
+        return self.backend.decode_batch([[int(i)] for i in ids])
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 

@@ -69,9 +69,10 @@ def test_lyapunov_trace_is_real():
     r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=40, seed=1,
                                                                stop_at_eos=False)
     assert len(r.lyapunov_trace) == r.tokens_generated == 40
-    every = model.config.stability.lyapunov_every  # the twin catches up every 8 steps
-    assert r.lyapunov_trace[: 2 * every] == [0.0] * (2 * every)  # first measurement = reference
-    assert len(set(r.lyapunov_trace[2 * every:])) >= 2 and all(math.isfinite(v) for v in r.lyapunov_trace)
+    # the twin catches up after 8, 16 (then 32) more steps; the first measurement is the reference
+    second = 8 + 16
+    assert r.lyapunov_trace[:second] == [0.0] * second
+    assert r.lyapunov_trace[second] != 0.0 and all(math.isfinite(v) for v in r.lyapunov_trace)
     assert r.lyapunov == r.lyapunov_trace[-1] and 0.0 <= model.get_stability() <= 1.0
     # measured every step, the estimate moves every step
     model1 = tiny(stability=StabilityConfig(lyapunov_every=1))
@@ -138,6 +139,7 @@ def test_halting_is_opt_in_and_respects_the_minimum(monkeypatch):
 
     def chaotic(self, step, entropy, tokens, finite=True):
         self.exponents.append(1.0)
+        self.positions.append(step + 1)
         return original(self, step, entropy, tokens, finite)
 
     monkeypatch.setattr(PredictiveStability, "observe", chaotic)

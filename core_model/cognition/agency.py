@@ -196,27 +196,40 @@ def compute_foci(pieces: list[str], token_ids: list[int], surprisal: np.ndarray,
                  weights: tuple[float, float, float], max_foci: int, log_v: float) -> list[dict[str, Any]]:
     """Score the context's words; returns the top ``max_foci`` as dicts without duration."""
     goal_words = {w for g in goals for w in g.words}
-    goal_vecs = [np.asarray(g.vector) for g in goals]
-    groups = group_words(pieces)
-    peak = max((float(intensity[idx].sum()) for idx in groups), default=0.0)
+    groups = [idx for idx in group_words(pieces)
+              if (text := "".join(pieces[i] for i in idx).strip()) and any(ch.isalnum() for ch in text)]
+    if not groups:
+        return []
+    # Per-word sums over the (contiguous) token runs, from prefix sums: one pass, no per-word numpy.
+    first = np.array([idx[0] for idx in groups])
+    stop = np.array([idx[-1] + 1 for idx in groups])
+    count = stop - first
+
+    def run_sums(x: np.ndarray) -> np.ndarray:
+        c = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x, axis=0, dtype=np.float64)])
+        return c[stop] - c[first]
+
+    novelty = np.clip(run_sums(np.asarray(surprisal, dtype=np.float64)) / count / log_v, 0.0, 1.0)
+    inten_sum = run_sums(np.asarray(intensity, dtype=np.float64))
+    peak = float(inten_sum.max())
+    inten = np.minimum(inten_sum / peak, 1.0) if peak > 0 else np.zeros(len(groups))
+    rel = np.zeros(len(groups))
+    if hidden is not None and goals:
+        h = run_sums(np.asarray(hidden, dtype=np.float64)) / count[:, None]  # (words, D) means
+        g = np.asarray([g.vector for g in goals], dtype=np.float64)  # (goals, D)
+        norms = np.linalg.norm(h, axis=1)[:, None] * np.linalg.norm(g, axis=1)[None, :]
+        cos = np.divide(h @ g.T, norms, out=np.zeros_like(norms), where=norms > 0)
+        rel = np.maximum(cos.max(1), 0.0)
     scored = []
-    for idx in groups:
+    for j, idx in enumerate(groups):
         text = "".join(pieces[i] for i in idx).strip()
-        if not text or not any(ch.isalnum() for ch in text):
-            continue
         concepts = concepts_in([token_ids[i] for i in idx])
-        novelty = float(np.clip(np.mean(surprisal[idx]) / log_v, 0.0, 1.0))
-        inten = float(intensity[idx].sum() / peak) if peak > 0 else 0.0
-        rel = 0.0
-        if hidden is not None and goal_vecs:
-            h = hidden[idx].mean(0)
-            rel = max(0.0, max(centred_cosine(h, g) for g in goal_vecs))
-        if text.lower() in goal_words:
-            rel = 1.0
-        kind, target = ("concept", "+".join(concepts)) if concepts else (("goal" if text.lower() in goal_words else "token"), text)
-        sal = weights[0] * novelty + weights[1] * rel + weights[2] * min(inten, 1.0)
-        scored.append(dict(type=kind, target=target, intensity=min(inten, 1.0), novelty=novelty, relevance=rel,
-                           salience=sal, position=idx[-1]))
+        in_goal = text.lower() in goal_words
+        r = 1.0 if in_goal else float(rel[j])
+        kind, target = ("concept", "+".join(concepts)) if concepts else (("goal" if in_goal else "token"), text)
+        sal = weights[0] * float(novelty[j]) + weights[1] * r + weights[2] * float(inten[j])
+        scored.append(dict(type=kind, target=target, intensity=float(inten[j]), novelty=float(novelty[j]),
+                           relevance=r, salience=sal, position=idx[-1]))
     best: dict[str, dict[str, Any]] = {}
     for f in scored:  # one focus per target: keep its most salient occurrence
         key = f"{f['type']}:{f['target']}"

@@ -121,6 +121,7 @@ class CognitiveDecoder:
 
         concepts = ConceptInput(model)
         mem = memory_offset(model)
+        mem_step = mem.view(1, 1, -1) if mem is not None else None  # the usual step offset
         T0 = len(prompt_ids)
         ids = torch.tensor([prompt_ids] * B, device=device)
         offsets = self._offsets(B, concepts.offsets(prompt_ids, 0), mem, T0)
@@ -143,7 +144,7 @@ class CognitiveDecoder:
                 logp = out.logits[0].float().log_softmax(-1)  # (T0, V)
                 surprisal = [math.log(V)] + (-logp[:-1].gather(1, ids[0, 1:, None])[:, 0]).tolist()
                 hidden_rows = [out.hidden[0].float()]
-                pieces = [self.tok.decode([t]) for t in prompt_ids]
+                pieces: list[str] = []  # decoded lazily, at the foci updates
                 ref = reference_hidden(model) if goals else None
                 gen_sum = torch.zeros(model.config.dim, device=device)
                 fed = 0  # generated tokens fed back (their hidden states are in gen_sum)
@@ -158,13 +159,13 @@ class CognitiveDecoder:
                 if goals:
                     at_boundary = context[-1] in boundary_ids
                     bias = steering_bias(goals, context[-32:], at_boundary, cfg.agency.goal_bias)
-                    if bias:
-                        logits = raw.clone()
-                        idx = torch.tensor(list(bias), device=device)
-                        logits[idx] += torch.tensor(list(bias.values()), device=device)
+                    if bias:  # one dense add: fewer kernels than a clone and an indexed add
+                        dense = np.zeros(V, dtype=np.float32)
+                        dense[list(bias)] = list(bias.values())
+                        logits = raw + torch.from_numpy(dense).to(device)
                 temp = controller.temperature if stab_on else params.temperature
                 nxt = int(sample_next(logits[None], params, generator, history, temperature=temp)[0])
-                z = logits.detach().cpu().numpy().astype(np.float64)  # numpy: a few us for V floats
+                z = logits.cpu().numpy().astype(np.float64)  # numpy: a few us for V floats
                 entropy = _entropy(z / temp if temp > 0 else z)
                 coh = out.coherence
                 trace.tokens.append(nxt)
@@ -186,9 +187,8 @@ class CognitiveDecoder:
                 if history is not None:
                     history = torch.cat([history, torch.tensor([[nxt]], device=device)], dim=1)
                 if agency_on:
-                    r = z if logits is raw else raw.cpu().numpy().astype(np.float64)
+                    r = z if logits is raw else z - dense
                     surprisal.append(_logsumexp(r) - float(r[nxt]))
-                    pieces.append(self.tok.decode([nxt]))
                 last = step == max_new - 1 or nxt in stop_ids
                 if stab_on and halt and step + 1 >= cfg.stability.min_tokens_before_halt \
                         and tracker.state.label in (CHAOTIC, DIVERGENT):
@@ -198,25 +198,26 @@ class CognitiveDecoder:
                 if last:
                     break
                 inp = torch.tensor([[nxt]], device=device)
-                step_offset = self._offsets(1, concepts.offsets(context, len(context) - 1), mem, 1)
+                concept = concepts.offsets(context, len(context) - 1)
+                step_offset = mem_step if concept is None else self._offsets(1, concept, mem, 1)
                 out = model(inp, cache=cache, input_offsets=step_offset)
                 if twin is not None:
-                    twin.step(nxt, step_offset, cache, out.hidden[0, -1], noise)
+                    twin.step(nxt, step_offset, cache, out.hidden, noise)
                 if agency_on:
                     h = out.hidden[0, -1].float()
                     hidden_rows.append(h[None])
                     fed += 1
                     if goals:
                         gen_sum += h
-                    if (step + 1) % cfg.agency.update_every == 0:
-                        if goals:
-                            goals = self._update_goals(goals, gen_sum, fed, ref, trace)
+                    if goals and (step + 1) % cfg.agency.update_every == 0:
+                        goals = self._update_goals(goals, gen_sum, fed, ref, trace)
+                    if (step + 1) % cfg.agency.foci_every == 0:  # nothing in decoding reads the foci
                         self._update_foci(probe, cache, context, pieces, surprisal, hidden_rows, run_goals, step + 1)
             if agency_on:
                 n = len(trace.tokens)
                 if goals:
                     self._update_goals(goals, gen_sum, fed, ref, trace)
-                self._update_foci(probe, cache, context[:-1], pieces[:-1], surprisal[:-1], hidden_rows, run_goals, n)
+                self._update_foci(probe, cache, context[:-1], pieces, surprisal[:-1], hidden_rows, run_goals, n)
             if stab_on:
                 session.stability = tracker.state
             trace.warnings.extend(tracker.warnings)
@@ -267,6 +268,8 @@ class CognitiveDecoder:
 
         cfg = self.session.config.agency
         L = len(context)
+        if len(pieces) < L:
+            pieces.extend(self.tok.decode_pieces(context[len(pieces):L]))
         intensity = probe.last_query_mass(cache.layers[-1], L, cache.key_valid) if probe.args is not None \
             else np.zeros(L)
         hidden = torch.cat(hidden_rows)[:L].cpu().numpy()

@@ -1,15 +1,16 @@
 """Predictive stability: entropy, a finite-time Lyapunov estimate, cycle detection, control.
 
 Per decoding step ``t`` the engine reports ``H_t``, the entropy of the sampling distribution
-(nats, normalised ``h_t = H_t / ln V``), and every ``N = lyapunov_every`` steps ``d_t``, the
-relative distance ``|h'_t - h_t| / |h_t|`` between the final hidden states of the trajectory
+(nats, normalised ``h_t = H_t / ln V``), and after every interval of ``N`` steps (8, 16, then
+``lyapunov_every``: see lyapunov.py) ``d_t``, the relative distance ``|h'_t - h_t| / |h_t|`` between the final hidden states of the trajectory
 and of a twin that started from a perturbed prompt and reads the same tokens.
 
 The local exponent is ``l = (ln d_t - ln d_{t-N}) / N`` per step (Benettin renormalisation of
 the twin keeps ``d`` small; the rescaling is accounted for). The finite-time Lyapunov exponent
 is the mean of the local exponents over the last ``window`` steps, i.e. the slope of ``ln d``.
 The first measurement only sets the reference (the step from the directly perturbed prompt
-to unperturbed tokens is not dynamics), so the estimate is 0 for the first ``2 N`` steps.
+to unperturbed tokens is not dynamics), so the estimate is 0 until the second one (step 24 at
+the defaults).
 
 Classes (first that applies): ``divergent`` (non-finite values, or ``lambda > 10 * threshold``),
 ``periodic`` (the last ``window`` tokens repeat with a period ``p <= window / 2``),
@@ -115,9 +116,11 @@ class PredictiveStability:
         self.config = config
         self.log_v = math.log(vocab_size)
         self.state = state or StabilityState()
-        # one exponent per measurement; the estimate averages the ones covering the last ``window`` steps
-        self.span = max(1, math.ceil(config.window / config.lyapunov_every))
+        # one exponent per measurement, with the step it was measured at (intervals vary: see
+        # lyapunov.py); the estimate averages the ones measured within the last ``window`` steps
         self.exponents: deque[float] = deque(self.state.local_exponents, maxlen=max(config.window, 4))
+        self.positions: deque[int] = deque(range(len(self.exponents)), maxlen=self.exponents.maxlen)
+        self._position = self.positions[-1] if self.positions else 0
         self.warnings: list[str] = []
         self._log_d: float | None = None
         self._nonfinite = False
@@ -129,6 +132,8 @@ class PredictiveStability:
         from the (directly perturbed) prompt to the first unperturbed token is not dynamics."""
         self._log_d = None
         self.exponents.clear()
+        self.positions.clear()
+        self._position = 0
         self.warnings = []
         self._nonfinite = False
 
@@ -139,8 +144,10 @@ class PredictiveStability:
             if log_distance is not None:
                 self._nonfinite = True
             return
+        self._position += steps
         if self._log_d is not None:
             self.exponents.append((log_distance - self._log_d) / steps)
+            self.positions.append(self._position)
         self._log_d = log_distance + rescale_log
 
     def resync(self, log_distance: float | None) -> None:
@@ -153,7 +160,7 @@ class PredictiveStability:
         if not finite or not math.isfinite(entropy):
             self._nonfinite = True
         s.entropy_norm = entropy / self.log_v if math.isfinite(entropy) else None
-        s.lyapunov = float(np.mean(list(self.exponents)[-self.span:])) if self.exponents else 0.0
+        s.lyapunov = self._estimate()
         s.local_exponents = list(self.exponents)
         s.period = detect_period(tokens, c.window)
         previous = s.label
@@ -176,13 +183,21 @@ class PredictiveStability:
         s.predicted_unstable = predicted
         return s
 
+    def _estimate(self) -> float:
+        """Mean of the exponents measured within the last ``window`` steps (at least the latest)."""
+        if not self.exponents:
+            return 0.0
+        since = self.positions[-1] - self.config.window
+        recent = [e for e, p in zip(self.exponents, self.positions) if p > since]
+        return float(np.mean(recent))
+
     def _forecast(self) -> float:
         """Linear trend of the local exponents, extrapolated ``predictive_horizon`` steps ahead."""
         n = len(self.exponents)
         if n < 4:  # too few measurements for a trend
             return self.state.lyapunov
         if self._slope_at != (n, self.exponents[-1]):  # least-squares slope, recomputed per new exponent
-            x = np.arange(n, dtype=np.float64) * self.config.lyapunov_every
+            x = np.fromiter(self.positions, dtype=np.float64, count=n)
             y = np.fromiter(self.exponents, dtype=np.float64, count=n)
             xc = x - x.mean()
             self._slope = float(np.dot(xc, y - y.mean()) / np.dot(xc, xc))  # change of the exponent per step
