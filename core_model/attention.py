@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .cache import LayerCache
 from .config import PHI, ResoLLMConfig
+from .derived import derived
 
 
 def rope_inv_freq(rot_dim: int, base: float) -> torch.Tensor:
@@ -33,6 +34,13 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dt
     """cos/sin tables for rotary embeddings: positions (B, T) -> (B, 1, T, rot_dim/2) each."""
     ang = (positions.unsqueeze(-1) * inv_freq).unsqueeze(1)  # (B, 1, T, rot_dim/2)
     return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rope_table(max_len: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """cos and sin for every position below ``max_len``: (2, max_len, rot_dim/2), float32.
+    Indexing it with positions gives exactly what ``rope_tables`` computes (same float32 ops)."""
+    ang = torch.arange(max_len, dtype=torch.float32).unsqueeze(-1) * inv_freq
+    return torch.stack([ang.cos(), ang.sin()])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -60,8 +68,15 @@ class ResonantAttention(nn.Module):
             self.resonance = nn.Parameter(ladder)  # lambda_h
 
     def phase_weight(self) -> torch.Tensor:
-        """w_h = lambda_h * sqrt(d) / F, shape (1, H, 1, 1)."""
-        return (self.resonance * (math.sqrt(self.head_dim) / self.num_phases)).view(1, -1, 1, 1)
+        """w_h = lambda_h * sqrt(d) / F, shape (1, H, 1, 1) (kept between calls in decoding)."""
+        return derived(self, "_phase_weight", [self.resonance], lambda: (
+            self.resonance * (math.sqrt(self.head_dim) / self.num_phases)).view(1, -1, 1, 1))
+
+    def phase_features(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query and key phase features (B, H, T, 2F) and (B, 1, T, 2F) from u (B, T, F, 2)."""
+        # (cos, sin) pairs interleaved: the order is irrelevant as q and k share it
+        k_feat = u.flatten(-2).unsqueeze(1)
+        return self.phase_weight() * k_feat, k_feat  # w_h * u by broadcasting
 
     def split_heads(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         """q, k (B, H, T, d_s) and v (B, H, T, d) from the projected qkv (B, T, qkv_width), with
@@ -83,17 +98,19 @@ class ResonantAttention(nn.Module):
         attn_mask: torch.Tensor | None,
         cache: LayerCache | None = None,
         cache_start: int = 0,
+        feats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """qkv (B, T, qkv_width); u = (cos theta, sin theta) (B, T, F, 2); attn_mask bool
-        (B, 1, T, T_k) or None for plain causal. Returns (B, T, D)."""
+        (B, 1, T, T_k) or None for plain causal; ``feats`` = the query and key phase features
+        (B, H, T, 2F) and (B, 1, T, 2F) when already computed (the fused decoding step), in
+        place of ``u``. Returns (B, T, D)."""
         B, T, _ = qkv.shape
         H = self.num_heads
         q, k, v = self.split_heads(qkv, rope)
         if self.resonant:
-            # (cos, sin) pairs interleaved: the order is irrelevant as q and k share it
-            feats = u.flatten(-2).unsqueeze(1)  # (B, 1, T, 2F)
-            q = torch.cat([q, self.phase_weight() * feats], dim=-1)  # (B, H, T, 2F) by broadcasting
-            k = torch.cat([k, feats.expand(B, H, T, -1)], dim=-1)
+            q_feat, k_feat = self.phase_features(u) if feats is None else feats
+            q = torch.cat([q, q_feat], dim=-1)
+            k = torch.cat([k, k_feat.expand(B, H, T, -1)], dim=-1)
         if cache is not None:
             end = cache_start + T
             cache.k[:, :, cache_start:end] = k

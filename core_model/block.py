@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from .attention import ResonantAttention
 from .cache import LayerCache
 from .config import ResoLLMConfig
 from .feedforward import ResonantFFN
+from .fused import phase_kernel
 from .gating import CoherenceGate
 from .kuramoto import PHASOR_SHIFTS, KuramotoCoupling, order_parameter, phasor_pairs, prefix_mean_field
 
@@ -64,7 +66,13 @@ class ResoFormerBlock(nn.Module):
         cache_start: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None, BlockTrace]:
         """x (B, T, D); theta (B, T, F) or None; counts (B, T, 1, 1): the n of each prefix mean field."""
-        qkv, omega, gate_logit = self.in_proj(self.ln_attn(x)).split(self.in_widths, dim=-1)
+        proj = self.in_proj(self.ln_attn(x))
+        if (theta is not None and cache is not None and valid is None and x.shape[1] == 1
+                and theta.dtype == torch.float32 and theta.device.type == "cpu"
+                and not torch.is_grad_enabled() and (kernel := phase_kernel()) is not None):
+            return self._fused_step(kernel, x, theta, proj, rope, attn_mask, counts, external, cache,
+                                    cache_start)
+        qkv, omega, gate_logit = proj.split(self.in_widths, dim=-1)
         u = u_perp = z = order = None
         if theta is not None:  # (cos, sin) and (-sin, cos) of theta, shared by every phase consumer
             shifts = self.phasor_shifts if self.phasor_shifts.dtype == theta.dtype else self.phasor_shifts.to(theta.dtype)
@@ -83,6 +91,39 @@ class ResoFormerBlock(nn.Module):
         if self.kuramoto is not None:
             theta = self.kuramoto(theta, omega, z, external, u_perp)
         return x, theta, BlockTrace(order, gate)
+
+    def _fused_step(self, kernel, x, theta, proj, rope, attn_mask, counts, external, cache, cache_start):
+        """``forward`` for one token per row without gradients: the phase machinery in one
+        compiled call (``core_model.fused``), the rest as in ``forward``."""
+        args = self.__dict__.get("_fused_args")
+        if args is None:  # the constant arguments, looked up once (parameters are kept by reference)
+            attn, kuramoto, gate, w = self.attn, self.kuramoto, self.gate, self.in_widths
+            args = self.__dict__["_fused_args"] = (
+                w[0] if kuramoto is not None else -1, w[0] + w[1] if gate is not None else -1,
+                attn.resonance if attn.resonant else None, math.sqrt(attn.head_dim) / attn.num_phases,
+                kuramoto.coupling if kuramoto is not None else None, kuramoto.dt if kuramoto is not None else 0.0,
+                gate.order_weight if gate is not None else None, gate.threshold if gate is not None else 0.0,
+                w[0], self.needs_field, gate is not None, kuramoto is not None)
+        omega_col, gate_col, resonance, w_scale, K, dt, a, tau, qkv_width, field, gated, evolve = args
+        if external is not None and evolve:
+            external = external.to(theta.dtype)
+            external = external.expand(x.shape[0], -1, -1) if external.dim() == 2 else external
+        else:
+            external = None
+        u, q_feat, new_sum, order, gate, theta_new = kernel.phase_step(
+            theta, proj, omega_col, gate_col, cache.phase_sum if field else None,
+            counts if field else None, external, resonance, w_scale, K, dt, a, tau)
+        if field:
+            cache.phase_sum = new_sum
+        a = self.resid_dropout(self.attn(proj[..., :qkv_width], None, rope, attn_mask, cache, cache_start,
+                                         feats=(q_feat, u)))
+        if gated:
+            x = torch.addcmul(x, gate, a, value=2.0)
+            x = torch.addcmul(x, gate, self.ffn(self.ln_ffn(x)), value=2.0)
+        else:
+            x = x + a
+            x = x + self.ffn(self.ln_ffn(x))
+        return x, (theta_new if evolve else theta), BlockTrace(order if field else None, gate if gated else None)
 
     # Named views of the input projection's rows (for tests and analysis)
     def in_rows(self, part: str) -> torch.Tensor:

@@ -25,7 +25,7 @@ class ModelCache:
     key_valid: torch.Tensor | None = None  # (B, T_max) bool, only when some token is padding
     next_pos: torch.Tensor | None = None  # (B,) position of the next token per row
     phase_count: torch.Tensor | None = None  # (B,) valid tokens so far (the n of the mean fields)
-    last_phases: torch.Tensor | None = None  # (B, F) final-block phases of the last token
+    last_theta: torch.Tensor | None = None  # (B, T, F) final-block phases of the last forward
     extras: dict = field(default_factory=dict)
 
     @classmethod
@@ -43,6 +43,11 @@ class ModelCache:
                    phase_count=torch.zeros(batch, dtype=torch.float32, device=device))
 
     @property
+    def last_phases(self) -> torch.Tensor | None:
+        """(B, F) final-block phases of the last token read."""
+        return None if self.last_theta is None else self.last_theta[:, -1]
+
+    @property
     def batch_size(self) -> int:
         return self.layers[0].k.shape[0]
 
@@ -52,4 +57,4 @@ class ModelCache:
             return None if t is None else t.index_select(0, rows)
         layers = [LayerCache(pick(l.k), pick(l.v), pick(l.phase_sum)) for l in self.layers]
         return ModelCache(layers, self.max_len, self.length, pick(self.key_valid), pick(self.next_pos),
-                          pick(self.phase_count), pick(self.last_phases), dict(self.extras))
+                          pick(self.phase_count), pick(self.last_theta), dict(self.extras))

@@ -22,7 +22,10 @@ import torch
 import torch.nn as nn
 
 from .config import PHI, ResoLLMConfig
+from .derived import derived
 from .primes import log_primes
+
+FUSED_TABLE_MAX = 1 << 24  # elements (64 MiB in float32): beyond that, blend per token instead
 
 
 def log_prime_phases(vocab_size: int, num_phases: int) -> torch.Tensor:
@@ -49,11 +52,22 @@ class PrimeTokenEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``(x, theta)``: x (B, T, D) and the token phases (B, T, F) or None."""
-        x = self.semantic(input_ids)  # (B, T, D)
         if not self.has_phases:
-            return x, None
+            return self.semantic(input_ids), None
         theta = self.phase_table[input_ids]  # (B, T, F)
-        if self.blend_enabled:
-            feats = torch.cos(theta.unsqueeze(-2) - self.cos_sin_shift).flatten(-2)  # (B, T, 2F): [cos, sin]
-            x = torch.lerp(x, self.phase_proj(feats), torch.sigmoid(self.blend_logit))  # (1-a) E + a P
-        return x, theta
+        if not self.blend_enabled:
+            return self.semantic(input_ids), theta
+        if not torch.is_grad_enabled() and self.semantic.weight.numel() <= FUSED_TABLE_MAX:
+            # x_i depends on the token only: in decoding, look up a fused (V, D) table
+            return self.fused_table()[input_ids], theta
+        return self._blend(self.semantic(input_ids), theta), theta
+
+    def _blend(self, e: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        feats = torch.cos(theta.unsqueeze(-2) - self.cos_sin_shift).flatten(-2)  # (..., 2F): [cos, sin]
+        return torch.lerp(e, self.phase_proj(feats), torch.sigmoid(self.blend_logit))  # (1-a) E + a P
+
+    def fused_table(self) -> torch.Tensor:
+        """``(1 - a) E + a P(cos, sin of theta)`` for every token (V, D), kept while gradients are
+        off and the weights unchanged (``core_model.derived``)."""
+        sources = [self.semantic.weight, self.phase_table, self.phase_proj.weight, self.blend_logit]
+        return derived(self, "_fused_table", sources, lambda: self._blend(self.semantic.weight, self.phase_table))

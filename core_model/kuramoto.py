@@ -36,7 +36,7 @@ def phasor_pairs(theta: torch.Tensor, shifts: torch.Tensor | None = None) -> tup
     if shifts is None:
         shifts = torch.tensor(PHASOR_SHIFTS, device=theta.device, dtype=theta.dtype)
     both = torch.cos(theta.unsqueeze(-1) - shifts)  # (..., F, 4)
-    return both[..., :2], both[..., 2:]
+    return both.unflatten(-1, (2, 2)).unbind(-2)
 
 
 def phasors(theta: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def prefix_mean_field(
     if past_sum is not None:
         total = total + past_sum
     z = total / counts
-    return (z if z.dtype == u.dtype else z.to(u.dtype)), total[:, -1:]
+    return (z if z.dtype == u.dtype else z.to(u.dtype)), (total[:, -1:] if total.shape[1] > 1 else total)
 
 
 def order_parameter(z: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
@@ -73,7 +73,7 @@ def order_parameter(z: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
 def phase_pull(field: torch.Tensor, u_perp: torch.Tensor) -> torch.Tensor:
     """``|Z| sin(arg Z - theta) = Im Z cos theta - Re Z sin theta = Z . u_perp`` for field
     (..., F, 2) and ``u_perp = (-sin theta, cos theta)`` (..., F, 2)."""
-    return (field * u_perp).sum(-1)
+    return torch.linalg.vecdot(field, u_perp)
 
 
 class KuramotoCoupling(nn.Module):

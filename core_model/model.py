@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import rope_inv_freq, rope_tables
+from .attention import rope_inv_freq, rope_table
 from .block import BlockTrace, ResoFormerBlock
 from .cache import ModelCache
 from .cognition.api import CognitionMixin
@@ -65,7 +65,9 @@ class ResoLLMModel(CognitionMixin, nn.Module):
         if config.temporal_smf.enabled:
             self.memory_proj = nn.Linear(16, config.dim, bias=False)
         rot_dim = self.blocks[0].attn.sem_dim
-        self.register_buffer("rope_inv_freq", rope_inv_freq(rot_dim, config.rope_base), persistent=False)
+        # cos/sin of every position, indexed per forward (no trigonometry per decoding step)
+        self.register_buffer("rope_cs", rope_table(config.max_seq_len, rope_inv_freq(rot_dim, config.rope_base)),
+                             persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
             if name.endswith(("attn.out_proj.weight", "ffn.proj.weight")):
@@ -112,10 +114,14 @@ class ResoLLMModel(CognitionMixin, nn.Module):
         x = self.drop(x)
 
         positions, attn_mask = self._positions_and_mask(B, T, valid, cache, input_ids.device)
-        rope = rope_tables(positions, self.rope_inv_freq, x.dtype) if self.config.rope else None
+        rope = None
+        if self.config.rope:
+            cs = self.rope_cs[:, positions].unsqueeze(2)  # (2, B, 1, T, rot_dim/2)
+            rope = (cs if cs.dtype == x.dtype else cs.to(x.dtype)).unbind(0)
 
         counts = self._field_counts(B, T, valid, cache, x.device) if theta is not None else None
-        divisors = counts.clamp(min=1) if counts is not None else None  # the mean fields' n, at least 1
+        # the mean fields' n, at least 1 (without padding every prefix holds a token already)
+        divisors = counts.clamp(min=1) if counts is not None and valid is not None else counts
         traces = []
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
@@ -125,9 +131,9 @@ class ResoLLMModel(CognitionMixin, nn.Module):
             cache.length = start + T
             cache.next_pos = cache.next_pos + (valid.sum(1) if valid is not None else T)  # real tokens only
             if counts is not None:
-                cache.phase_count = counts[:, -1, 0, 0]
+                cache.phase_count = counts.view(B, -1)[:, -1]
             if theta is not None:
-                cache.last_phases = theta[:, -1].detach()
+                cache.last_theta = theta
 
         hidden = self.ln_f(x)
         logits = self.head(hidden[:, -1:] if last_only else hidden)
@@ -143,6 +149,8 @@ class ResoLLMModel(CognitionMixin, nn.Module):
     def _field_counts(B, T, valid, cache, device) -> torch.Tensor:
         """``n_i`` of every prefix mean field (B, T, 1, 1): valid tokens up to and including ``i``
         (0 before a row's first real token; the mean field divides by ``max(n_i, 1)``)."""
+        if valid is None and T == 1 and cache is not None:  # a decoding step: one op
+            return (cache.phase_count + 1.0).view(B, 1, 1, 1)
         if valid is None:
             counts = torch.arange(1, T + 1, device=device, dtype=torch.float32).expand(B, T)
         else:

@@ -62,10 +62,11 @@ class _AttentionProbe:
     def __init__(self, attn) -> None:
         self.attn = attn
         self.args: tuple | None = None
-        self.handle = attn.register_forward_pre_hook(self._hook)
+        self.kwargs: dict = {}
+        self.handle = attn.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module, args) -> None:
-        self.args = args
+    def _hook(self, module, args, kwargs) -> None:
+        self.args, self.kwargs = args, kwargs
 
     def remove(self) -> None:
         self.handle.remove()
@@ -73,13 +74,14 @@ class _AttentionProbe:
     @torch.no_grad()
     def last_query_mass(self, cache_layer, length: int, key_valid: torch.Tensor | None) -> np.ndarray:
         """softmax(q_last . k / sqrt(d)) over the cached keys, averaged over heads: (length,)."""
-        attn, (inp, phase, rope) = self.attn, self.args[:3]
+        attn, (inp, u, rope) = self.attn, self.args[:3]
         q = attn.split_heads(inp[:1, -1:])[0]  # the module receives the projected qkv
         if rope is not None:
             q = apply_rope(q, rope[0][:1, :, -1:], rope[1][:1, :, -1:])
-        if attn.resonant:
-            feats = phase[:1, -1:].flatten(-2)  # (cos, sin) pairs (1, 1, 2F), the layout the keys use
-            q = torch.cat([q, (attn.phase_weight() * feats.unsqueeze(1).to(q.dtype)).expand(1, attn.num_heads, 1, -1)], -1)
+        if attn.resonant:  # the phase features, as the module appended them to its queries
+            feats = self.kwargs.get("feats")
+            q_feat = attn.phase_features(u)[0] if feats is None else feats[0]
+            q = torch.cat([q, q_feat[:1, :, -1:].expand(1, attn.num_heads, 1, -1).to(q.dtype)], -1)
         k = cache_layer.k[:1, :, :length]
         scores = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # (1, H, L)
         if key_valid is not None:

@@ -1,0 +1,63 @@
+"""An optional compiled kernel for the decoding step of the phase machinery.
+
+At batch 1 on a CPU a decoding step is bound by kernel dispatch, and a block's phase
+machinery (phasors, the Kuramoto mean field and step, the gate, the attention phase features)
+is about twenty tiny kernels. ``csrc/phase_step.cpp`` computes all of it in one call; blocks use
+it for single-token steps without gradients on float32 CPU tensors, and the eager code
+everywhere else (training, prefill, other devices and dtypes). Both paths compute the same
+equations (tests compare them to 1e-5).
+
+The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
+ninja; about 30 s, once per machine: the build is cached under ``TORCH_EXTENSIONS_DIR`` or
+``~/.cache/torch_extensions``). If that fails the eager path is used, with one warning.
+``RESO_FUSED=0`` switches the kernel off. Which path ran is visible in
+``core_model.fused.status()``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).parent / "csrc" / "phase_step.cpp"
+NAME = "reso_phase_step_v2"  # bump when the kernel's interface changes
+_lock = threading.Lock()
+_kernel: ModuleType | None = None
+_state = "not loaded"
+
+
+def phase_kernel() -> ModuleType | None:
+    """The compiled module (``phase_step``), building it on first call; None if unavailable."""
+    global _kernel, _state
+    if _state != "not loaded":
+        return _kernel
+    with _lock:
+        if _state != "not loaded":
+            return _kernel
+        if os.environ.get("RESO_FUSED", "1") == "0":
+            _state = "off (RESO_FUSED=0)"
+            return None
+        from torch.utils import cpp_extension
+
+        try:
+            if not any(Path(cpp_extension._get_build_directory(NAME, verbose=False)).glob("*.so")):
+                print("reso: building the fused decoding kernel (once per machine, about 30 s)",
+                      file=sys.stderr, flush=True)
+            _kernel = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"],
+                                         verbose=False)
+            _state = "fused"
+        except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as exc:
+            _state = f"eager (build failed: {exc!s:.200})"
+            warnings.warn(f"fused decoding kernel unavailable, using the eager path: {exc!s:.500}",
+                          RuntimeWarning, stacklevel=2)
+    return _kernel
+
+
+def status() -> str:
+    """'fused', 'not loaded' (no decoding step yet), or why the eager path is used."""
+    return _state

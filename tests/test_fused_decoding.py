@@ -1,0 +1,109 @@
+"""The compiled decoding step (core_model/fused.py) against the eager reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import core_model.block
+from core_model.config import ResoLLMConfig
+from core_model.fused import phase_kernel, status
+from core_model.model import ResoLLMModel
+
+SWITCHES = ("prime_embedding", "kuramoto", "resonant_attention", "coherence_gating")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = phase_kernel()
+    if k is None:
+        pytest.skip(f"no fused kernel on this machine: {status()}")
+    return k
+
+
+def model(seed: int = 0, **kw) -> ResoLLMModel:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=263, dim=64, num_layers=3, num_heads=4, num_phases=4, max_seq_len=96)
+    cfg.update(kw)
+    m = ResoLLMModel(ResoLLMConfig(**cfg)).eval()
+    with torch.no_grad():  # move the learned scalars off their initial values
+        for b in m.blocks:
+            if b.kuramoto is not None:
+                b.kuramoto.coupling.fill_(1.7)
+            if b.gate is not None:
+                b.gate.order_weight.fill_(2.3)
+    return m
+
+
+def decode(m: ResoLLMModel, prompt: torch.Tensor, steps: int, mask=None, external=None):
+    """Logits, phases and coherence of `steps` single-token steps after a prefill."""
+    cache = m.new_cache(prompt.shape[0], prompt.shape[1] + steps)
+    rows = []
+    with torch.inference_mode():
+        out = m(prompt, cache=cache, attention_mask=mask, external_field=external)
+        for t in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = m(nxt, cache=cache, external_field=external)
+            rows.append((out.logits[:, -1], out.phases[:, -1] if out.phases is not None else None,
+                         out.coherence))
+    return rows
+
+
+def eager(monkeypatch):
+    monkeypatch.setattr(core_model.block, "phase_kernel", lambda: None)
+
+
+@pytest.mark.parametrize("switches", [{}, *({s: False} for s in SWITCHES),
+                                      {"kuramoto": False, "coherence_gating": False}])
+def test_fused_step_matches_eager(kernel, monkeypatch, switches):
+    m = model(**switches)
+    prompt = torch.randint(0, 263, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])  # left padding in row 0
+    fused = decode(m, prompt, 12, mask)
+    with monkeypatch.context() as mp:
+        eager(mp)
+        reference = decode(m, prompt, 12, mask)
+    for (lf, pf, cf), (le, pe, ce) in zip(fused, reference):
+        torch.testing.assert_close(lf, le, rtol=1e-5, atol=1e-5)
+        if pe is not None:
+            torch.testing.assert_close(pf, pe, rtol=1e-5, atol=1e-5)
+        if ce is not None:
+            torch.testing.assert_close(cf, ce, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (2, 4, 2)])
+def test_fused_step_with_an_external_field(kernel, monkeypatch, shape):
+    m = model()
+    field = torch.randn(*shape, generator=torch.Generator().manual_seed(5))  # shared or per row
+    prompt = torch.randint(0, 263, (2, 5), generator=torch.Generator().manual_seed(4))
+    fused = decode(m, prompt, 8, external=field)
+    with monkeypatch.context() as mp:
+        eager(mp)
+        reference = decode(m, prompt, 8, external=field)
+    no_field = decode(m, prompt, 8)
+    for (lf, pf, _), (le, pe, _), (ln, _, _) in zip(fused, reference, no_field):
+        torch.testing.assert_close(lf, le, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pf, pe, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fused[-1][0], no_field[-1][0])  # the field did reach the phases
+
+
+def test_fused_path_is_used_only_without_gradients(kernel, monkeypatch):
+    calls = []
+    real = core_model.block.phase_kernel
+
+    def counting():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(core_model.block, "phase_kernel", counting)
+    m = model()
+    cache = m.new_cache(1, 16)
+    with torch.inference_mode():
+        m(torch.tensor([[1, 2, 3]]), cache=cache)
+        assert not calls  # a prefill of 3 tokens is eager
+        m(torch.tensor([[4]]), cache=cache)
+        assert len(calls) == len(m.blocks)
+    cache = m.new_cache(1, 16)
+    m(torch.tensor([[1, 2, 3]]), cache=cache)
+    m(torch.tensor([[4]]), cache=cache)  # gradients on: eager
+    assert len(calls) == len(m.blocks) and status() == "fused"
