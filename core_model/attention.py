@@ -130,6 +130,15 @@ class ResonantAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
 
+    def attend_cached(self, q: torch.Tensor, cache: LayerCache, end: int,
+                      attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of finished queries q (B, H, T, d) over the first ``end`` cached keys (the
+        fused decoding step writes q, k and v itself); returns (B, T, D)."""
+        B, H, T, d = q.shape
+        y = F.scaled_dot_product_attention(q, cache.k[:, :, :end], cache.v[:, :, :end], attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * d))
+
     def explicit_scores(self, qkv: torch.Tensor, theta: torch.Tensor, rope=None) -> torch.Tensor:
         """Reference path for tests: the explicit ``s*QK^T + lambda*R`` logits (B, H, T, T)."""
         q, k, _ = self.split_heads(qkv, rope)

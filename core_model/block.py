@@ -66,12 +66,11 @@ class ResoFormerBlock(nn.Module):
         cache_start: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None, BlockTrace]:
         """x (B, T, D); theta (B, T, F) or None; counts (B, T, 1, 1): the n of each prefix mean field."""
+        if (cache is not None and valid is None and x.shape[1] == 1 and x.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and (kernel := phase_kernel()) is not None):
+            return self._decode_step(kernel, x, theta, rope, attn_mask, counts, external, cache, cache_start)
         proj = self.in_proj(self.ln_attn(x))
-        if (theta is not None and cache is not None and valid is None and x.shape[1] == 1
-                and theta.dtype == torch.float32 and theta.device.type == "cpu"
-                and not torch.is_grad_enabled() and (kernel := phase_kernel()) is not None):
-            return self._fused_step(kernel, x, theta, proj, rope, attn_mask, counts, external, cache,
-                                    cache_start)
         qkv, omega, gate_logit = proj.split(self.in_widths, dim=-1)
         u = u_perp = z = order = None
         if theta is not None:  # (cos, sin) and (-sin, cos) of theta, shared by every phase consumer
@@ -92,31 +91,37 @@ class ResoFormerBlock(nn.Module):
             theta = self.kuramoto(theta, omega, z, external, u_perp)
         return x, theta, BlockTrace(order, gate)
 
-    def _fused_step(self, kernel, x, theta, proj, rope, attn_mask, counts, external, cache, cache_start):
-        """``forward`` for one token per row without gradients: the phase machinery in one
-        compiled call (``core_model.fused``), the rest as in ``forward``."""
-        args = self.__dict__.get("_fused_args")
+    def _decode_step(self, kernel, x, theta, rope, attn_mask, counts, external, cache, cache_start):
+        """``forward`` for one token per row without gradients: everything between the input
+        projection and the attention kernel in one compiled call (``core_model.fused``)."""
+        args = self.__dict__.get("_decode_args")
         if args is None:  # the constant arguments, looked up once (parameters are kept by reference)
             attn, kuramoto, gate, w = self.attn, self.kuramoto, self.gate, self.in_widths
-            args = self.__dict__["_fused_args"] = (
+            args = self.__dict__["_decode_args"] = (
+                attn.num_heads, attn.sem_dim, attn.head_dim,
                 w[0] if kuramoto is not None else -1, w[0] + w[1] if gate is not None else -1,
                 attn.resonance if attn.resonant else None, math.sqrt(attn.head_dim) / attn.num_phases,
                 kuramoto.coupling if kuramoto is not None else None, kuramoto.dt if kuramoto is not None else 0.0,
                 gate.order_weight if gate is not None else None, gate.threshold if gate is not None else 0.0,
-                w[0], self.needs_field, gate is not None, kuramoto is not None)
-        omega_col, gate_col, resonance, w_scale, K, dt, a, tau, qkv_width, field, gated, evolve = args
+                self.needs_field and theta is not None, gate is not None, kuramoto is not None)
+        H, d_s, d, omega_col, gate_col, resonance, w_scale, K, dt, a, tau, field, gated, evolve = args
+        proj = self.in_proj(self.ln_attn(x))
         if external is not None and evolve:
             external = external.to(theta.dtype)
             external = external.expand(x.shape[0], -1, -1) if external.dim() == 2 else external
         else:
             external = None
-        u, q_feat, new_sum, order, gate, theta_new = kernel.phase_step(
-            theta, proj, omega_col, gate_col, cache.phase_sum if field else None,
-            counts if field else None, external, resonance, w_scale, K, dt, a, tau)
+        past = None
+        if field:
+            past = cache.phase_sum if cache.phase_sum is not None else theta.new_zeros(
+                x.shape[0], 1, theta.shape[-1], 2)
+        q, new_sum, order, gate, theta_new = kernel.block_step(
+            proj, H, d_s, d, rope[0] if rope is not None else None, rope[1] if rope is not None else None,
+            cache.k, cache.v, cache_start, theta, omega_col, gate_col, past, counts if field else None,
+            external, resonance, w_scale, K, dt, a, tau)
         if field:
             cache.phase_sum = new_sum
-        a = self.resid_dropout(self.attn(proj[..., :qkv_width], None, rope, attn_mask, cache, cache_start,
-                                         feats=(q_feat, u)))
+        a = self.resid_dropout(self.attn.attend_cached(q, cache, cache_start + 1, attn_mask))
         if gated:
             x = torch.addcmul(x, gate, a, value=2.0)
             x = torch.addcmul(x, gate, self.ffn(self.ln_ffn(x)), value=2.0)

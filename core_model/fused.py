@@ -1,11 +1,13 @@
-"""An optional compiled kernel for the decoding step of the phase machinery.
+"""An optional compiled kernel for the single-token decoding step of a block.
 
-At batch 1 on a CPU a decoding step is bound by kernel dispatch, and a block's phase
-machinery (phasors, the Kuramoto mean field and step, the gate, the attention phase features)
-is about twenty tiny kernels. ``csrc/phase_step.cpp`` computes all of it in one call; blocks use
-it for single-token steps without gradients on float32 CPU tensors, and the eager code
-everywhere else (training, prefill, other devices and dtypes). Both paths compute the same
-equations (tests compare them to 1e-5).
+At batch 1 on a CPU a decoding step is bound by kernel dispatch: between a block's input
+projection and its attention kernel sit about thirty tiny kernels (splitting heads, RoPE,
+writing k and v into the cache, and for the resonant parts the phasors, the Kuramoto mean field
+and step, the gate and the attention phase features). ``csrc/phase_step.cpp`` does all of it in
+one call, for the full model and the vanilla setting alike; blocks use it for single-token steps
+without gradients on float32 CPU tensors, and the eager code everywhere else (training,
+prefill, other devices and dtypes). Both paths compute the same equations (tests compare them
+to 1e-5).
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
 ninja; about 30 s, once per machine: the build is cached under ``TORCH_EXTENSIONS_DIR`` or
@@ -25,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).parent / "csrc" / "phase_step.cpp"
-NAME = "reso_phase_step_v2"  # bump when the kernel's interface changes
+NAME = "reso_block_step_v1"  # bump when the kernel's interface changes
 _lock = threading.Lock()
 _kernel: ModuleType | None = None
 _state = "not loaded"
@@ -48,7 +50,7 @@ def phase_kernel() -> ModuleType | None:
             if not any(Path(cpp_extension._get_build_directory(NAME, verbose=False)).glob("*.so")):
                 print("reso: building the fused decoding kernel (once per machine, about 30 s)",
                       file=sys.stderr, flush=True)
-            _kernel = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"],
+            _kernel = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-ffp-contract=off"],
                                          verbose=False)
             _state = "fused"
         except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as exc:

@@ -1,4 +1,4 @@
-"""The compiled decoding step (core_model/fused.py) against the eager reference."""
+"""The compiled single-token decoding step (core_model/fused.py) against the eager reference."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def eager(monkeypatch):
 
 
 @pytest.mark.parametrize("switches", [{}, *({s: False} for s in SWITCHES),
-                                      {"kuramoto": False, "coherence_gating": False}])
+                                      {"kuramoto": False, "coherence_gating": False}, {"vanilla": True},
+                                      {"rope": False}])
 def test_fused_step_matches_eager(kernel, monkeypatch, switches):
     m = model(**switches)
     prompt = torch.randint(0, 263, (2, 7), generator=torch.Generator().manual_seed(3))
