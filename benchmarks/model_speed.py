@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from core_model import fused
 from core_model.config import ResoLLMConfig, medium_config, small_config
 from core_model.tokenizer import DEFAULT_VOCAB_SIZE
 from core_model.model import ResoLLMModel
@@ -89,7 +90,7 @@ def median_interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -133,6 +134,7 @@ def main() -> None:
               f"{decode['full'] / decode['full_uncached']:>17.2f}{kernel_pair:>28}")
     print(f"\ntraining: batch x sequence per size as in the script; decode: batch 1, 16-token prompt, "
           f"{args.new_tokens} new tokens, greedy")
+    print(f"decoding step path: {fused.status()} (core_model/fused.py; RESO_FUSED=0 for the eager path)")
     print("targets: full >= 0.90x vanilla (train and decode); cached >= 5x uncached at 256 new tokens")
 
 
