@@ -8,6 +8,7 @@ checkpoint whose files, config, tokenizer or tensor shapes don't match is refuse
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -33,14 +34,27 @@ def save_checkpoint(model, directory: str | Path, tokenizer: ResoTokenizer | Non
         raise CheckpointError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size "
                               f"{model.config.vocab_size}")
     meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict()}
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     # Tied weights are stored once; safetensors refuses shared storage.
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("head.weight", None)
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-    tokenizer.save(directory / TOKENIZER_FILE)
+    # Each file is written under a temporary name and renamed into place, the config last: an
+    # interrupted save leaves whole files, and a config that does not match the weights beside it
+    # is refused on loading (shape check), never half-read.
+    _replace(directory / WEIGHTS_FILE,
+             lambda p: save_file(state, str(p), metadata={"format_version": str(FORMAT_VERSION)}))
+    _replace(directory / TOKENIZER_FILE, tokenizer.save)
+    _replace(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
     return directory
+
+
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: writers look at it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_config(directory: str | Path) -> ResoLLMConfig:

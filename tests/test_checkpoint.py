@@ -116,3 +116,20 @@ def test_config_values_of_the_wrong_type_are_refused(saved):
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="config.agency: expected a mapping"):
         load_checkpoint(path)
+
+
+def test_save_writes_whole_files_and_leaves_no_temporaries(tmp_path, monkeypatch):
+    import core_model.checkpoint as ckpt
+
+    model = ResoLLMModel(ResoLLMConfig(vocab_size=263, dim=32, num_layers=1, num_heads=2, num_phases=2))
+    model.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", fail)  # the weights cannot be written
+    with pytest.raises(OSError, match="disk full"):
+        model.save(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # untouched, no temp files
+    ResoLLMModel.from_checkpoint(tmp_path)
