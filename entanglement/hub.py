@@ -96,6 +96,7 @@ class BusHub:
         self._batch: list[bytes] = []  # bodies stamped this loop turn, not yet published
         self._batch_bytes = 0
         self._seen: dict[str, float] = {}  # agent -> monotonic time last heard
+        self._owners: dict[str, str] = {}  # key -> the agent allowed to write it ("" for none)
         self._seen_lock = threading.Lock()
         self._resolved: BusEndpoints | None = None
         self._ready = threading.Event()
@@ -262,15 +263,17 @@ class BusHub:
                 self._zap.handle()
                 self.counters.auth_denied = self._zap.denied
             if collector in events:
+                heard: dict[str, None] = {}
                 for _ in range(_DRAIN):  # EVENTS instead of ending on a zmq.Again exception
                     try:
                         frame = collector.recv(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
                         break
-                    self._collect(frame, publisher)
+                    self._collect(frame, publisher, heard)
                     if not collector.get(zmq.EVENTS) & zmq.POLLIN:
                         break
                 self._flush(publisher)
+                self._touch(heard, time.monotonic())
             if snapshot in events:
                 for _ in range(_DRAIN):
                     try:
@@ -285,7 +288,9 @@ class BusHub:
                 publisher.send(pack_batch(self.epoch, self._seq, []))  # the heartbeat
                 next_tick = now + interval
 
-    def _collect(self, frame: bytes, publisher: zmq.Socket) -> None:
+    def _collect(self, frame: bytes, publisher: zmq.Socket, heard: dict[str, None]) -> None:
+        """Validate, stamp and batch one collected frame; `heard` gathers the senders of this
+        loop turn (their liveness is recorded once per turn, see `_touch`)."""
         self.counters.received += 1
         try:
             msg = unpack(frame, self._config.limits)
@@ -293,15 +298,21 @@ class BusHub:
             self.counters.malformed += 1
             log.debug("hub: dropped malformed frame: %s", exc)
             return
-        now = time.monotonic()
-        if msg.key == NODE_HEARTBEAT:
-            self._touch(msg.agent, now)
+        key, agent = msg.key, msg.agent
+        if key == NODE_HEARTBEAT:
+            heard[agent] = None
             return
-        if msg.is_control or key_owner(msg.key) != msg.agent:
+        owner = self._owners.get(key)
+        if owner is None:  # first sight of this key: who owns it (control keys own nothing)
+            owner = "" if msg.is_control else (key_owner(key) or "")
+            if len(self._owners) >= self._config.max_keys:
+                self._owners.clear()  # bounded: a flood of rejected keys cannot grow it
+            self._owners[key] = owner
+        if owner != agent or not owner:
             self.counters.rejected += 1
-            log.debug("hub: rejected %r from agent %r", msg.key, msg.agent)
+            log.debug("hub: rejected %r from agent %r", key, agent)
             return
-        self._touch(msg.agent, now)
+        heard[agent] = None
         if msg.payload is None:
             if msg.key in self._map:
                 self._publish(msg, frame, publisher, delete=True)
@@ -336,9 +347,11 @@ class BusHub:
         self._batch_bytes = 0
         publisher.send(frame)
 
-    def _touch(self, agent: str, now: float) -> None:
-        with self._seen_lock:
-            self._seen[agent] = now
+    def _touch(self, agents: dict[str, None], now: float) -> None:
+        """Record that `agents` were heard at `now` (once per loop turn, under one lock)."""
+        if agents:
+            with self._seen_lock:
+                self._seen.update(dict.fromkeys(agents, now))
 
     def _answer_snapshot(self, frames: list[bytes], snapshot: zmq.Socket) -> None:
         if len(frames) != 2:

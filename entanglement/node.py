@@ -377,6 +377,15 @@ class BusNode:
             self._counters.malformed += 1
             log.debug("node %r: dropped malformed batch: %s", self.agent_id, exc)
             return 1
+        replica = self._replica
+        if (self._state is NodeState.ACTIVE and items and epoch == replica.epoch
+                and all(type(m) is StateUpdate for m in items) and items[0].seq == replica.seq + 1):
+            # The common case: a clean batch continuing our sequence (seqs are positional, so
+            # the whole batch is contiguous): apply it in one go.
+            replica.apply_batch(items)
+            self._counters.applied += len(items)
+            self._check_head(epoch, last_seq)
+            return len(items)
         for msg in items:
             if type(msg) is not StateUpdate:  # a malformed body: count it, its seq is a gap
                 self._counters.malformed += 1

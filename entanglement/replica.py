@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from entanglement.message import StateUpdate
 
@@ -104,25 +104,32 @@ class Replica:
 
     def apply(self, msg: StateUpdate) -> None:
         """Apply the next update in sequence (payload None deletes the key)."""
-        _, owner, name = msg.key.split("/", 2)
+        self.apply_batch((msg,))
+
+    def apply_batch(self, msgs: Sequence[StateUpdate]) -> None:
+        """Apply updates that continue the sequence in order, under one lock acquisition."""
         with self.cond:
-            if msg.payload is None:
-                self._map.pop(msg.key, None)
-                names = self._by_agent.get(owner)
-                if names is not None:
-                    names.pop(name, None)
-                    if not names:
-                        del self._by_agent[owner]
-            else:
-                self._map[msg.key] = msg
-                names = self._by_agent.get(owner)
-                if names is None:
-                    names = self._by_agent[owner] = {}
-                names[name] = msg
-            self.seq = msg.seq
+            for msg in msgs:
+                _, owner, name = msg.key.split("/", 2)
+                if msg.payload is None:
+                    self._map.pop(msg.key, None)
+                    names = self._by_agent.get(owner)
+                    if names is not None:
+                        names.pop(name, None)
+                        if not names:
+                            del self._by_agent[owner]
+                else:
+                    self._map[msg.key] = msg
+                    names = self._by_agent.get(owner)
+                    if names is None:
+                        names = self._by_agent[owner] = {}
+                    names[name] = msg
+            self.seq = msgs[-1].seq
             if self._waiting:
                 self.cond.notify_all()
-        self._notify(msg)
+        if self._callbacks:
+            for msg in msgs:
+                self._notify(msg)
 
     def _notify(self, upd: StateUpdate) -> None:
         for callback in self._callbacks:

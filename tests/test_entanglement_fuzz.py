@@ -294,19 +294,25 @@ def test_malformed_body_inside_a_batch_is_counted_and_its_hole_resyncs() -> None
             pub.send(pack_batch(epoch, 0, []))
             time.sleep(0.01)
         before = node.counters
-        pub.send(pack_batch(epoch, 3, [body("x", 1), body("y", 2.5), body("z", 3)]))
+        pub.send(pack_batch(epoch, 1, [body("w", 0.5)]))  # a batch that starts malformed: a gap
+        assert wait_until(lambda: node.counters.malformed == before.malformed + 1)
+        answer_snapshot(1, {"w": 0})
+        assert node.wait_for(lambda n: n.seq == 1 and n.node_state.value == "active", 5)
+        assert node.alive and node.error is None
+        before = node.counters
+        pub.send(pack_batch(epoch, 4, [body("x", 1), body("y", 2.5), body("z", 3)]))
         assert wait_until(lambda: node.counters.malformed == before.malformed + 1)
         assert wait_until(lambda: node.counters.gaps == before.gaps + 1)
         after = node.counters
         assert after.applied == before.applied + 1 and after.resyncs == before.resyncs + 1
-        assert node.latest("a1")["x"].seq == 1 and "y" not in node.latest("a1")
-        answer_snapshot(3, {"x": 1, "y": 2, "z": 3})  # the hub's map heals the hole
-        assert node.wait_for(lambda n: n.seq == 3 and n.node_state.value == "active", 5)
+        assert node.latest("a1")["x"].seq == 2 and "y" not in node.latest("a1")
+        answer_snapshot(4, {"x": 1, "y": 2, "z": 3})  # the hub's map heals the hole
+        assert node.wait_for(lambda n: n.seq == 4 and n.node_state.value == "active", 5)
         assert {k: u.payload["step"] for k, u in node.latest("a1").items()} == {"x": 1, "y": 2, "z": 3}
         # A heartbeat ahead of the node: updates lost at the tail, another re-sync.
-        pub.send(pack_batch(epoch, 5, []))
-        answer_snapshot(5, {"x": 1, "y": 2, "z": 4})
-        assert node.wait_for(lambda n: n.seq == 5 and n.counters.gaps == before.gaps + 2, 5)
+        pub.send(pack_batch(epoch, 6, []))
+        answer_snapshot(6, {"x": 1, "y": 2, "z": 4})
+        assert node.wait_for(lambda n: n.seq == 6 and n.counters.gaps == before.gaps + 2, 5)
         assert node.latest("a1")["z"].payload["step"] == 4
         assert node.alive and node.error is None
     finally:
