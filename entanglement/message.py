@@ -88,6 +88,7 @@ CONTROL_KEYS = frozenset({NODE_HEARTBEAT, SNAPSHOT_REQUEST, SNAPSHOT_END, "$hugz
 
 _MAX_INT = (1 << 63) - 1
 _KNOWN = ("phases", "sedenion", "coherence", "step")
+_KNOWN_SET = frozenset(_KNOWN)
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list})
 
 _Str = Annotated[str, Meta(max_length=MAX_STR_LEN)]
@@ -126,6 +127,11 @@ class StatePayload(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unkno
         """Validated payload from a flat mapping; fields other than the well-known ones go to
         `extra`. numpy values are converted: scalars to Python numbers, a "phases" array to
         float32 bytes, any other array to a list. Invalid content raises `MalformedMessage`."""
+        if type(values) is dict and values.keys() <= _KNOWN_SET:  # the usual state: one C call
+            try:
+                return msgspec.convert(values, cls)
+            except msgspec.ValidationError:
+                pass  # perhaps numpy values: convert them below
         fields: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for name, value in values.items():
