@@ -107,8 +107,7 @@ class ResoFormerBlock(nn.Module):
         H, d_s, d, omega_col, gate_col, resonance, w_scale, K, dt, a, tau, field, gated, evolve = args
         proj = self.in_proj(self.ln_attn(x))
         if external is not None and evolve:
-            external = external.to(theta.dtype)
-            external = external.expand(x.shape[0], -1, -1) if external.dim() == 2 else external
+            external = external.to(theta.dtype).expand(x.shape[0], theta.shape[-1], 2)  # (F, 2), (1 or B, F, 2)
         else:
             external = None
         past = None

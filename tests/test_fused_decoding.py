@@ -72,7 +72,7 @@ def test_fused_step_matches_eager(kernel, monkeypatch, switches):
             torch.testing.assert_close(cf, ce, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(4, 2), (2, 4, 2)])
+@pytest.mark.parametrize("shape", [(4, 2), (1, 4, 2), (2, 4, 2)])
 def test_fused_step_with_an_external_field(kernel, monkeypatch, shape):
     m = model()
     field = torch.randn(*shape, generator=torch.Generator().manual_seed(5))  # shared or per row
@@ -108,3 +108,27 @@ def test_fused_path_is_used_only_without_gradients(kernel, monkeypatch):
     m(torch.tensor([[1, 2, 3]]), cache=cache)
     m(torch.tensor([[4]]), cache=cache)  # gradients on: eager
     assert len(calls) == len(m.blocks) and status() == "fused"
+
+
+def test_kernel_refuses_shapes_it_cannot_read(kernel):
+    m = model()
+    block, B, F = m.blocks[0], 2, 4
+    cache = m.new_cache(B, 8).layers[0]
+    proj = torch.zeros(B, 1, block.in_proj.out_features)
+    theta, past, count = torch.zeros(B, 1, F), torch.zeros(B, 1, F, 2), torch.ones(B, 1, 1, 1)
+    attn = block.attn
+    cos = sin = torch.ones(B, 1, 1, attn.sem_dim // 2)
+    args = dict(omega=block.in_widths[0], gate=block.in_widths[0] + block.in_widths[1])
+
+    def call(pos=0, ext=None, th=theta):
+        return kernel.block_step(proj, attn.num_heads, attn.sem_dim, attn.head_dim, cos, sin, cache.k, cache.v,
+                                 pos, th, args["omega"], args["gate"], past, count, ext, attn.resonance,
+                                 1.0, block.kuramoto.coupling, 0.1, block.gate.order_weight, 0.6)
+
+    call()  # well-formed
+    with pytest.raises(RuntimeError, match="cache shape or position"):
+        call(pos=8)
+    with pytest.raises(RuntimeError, match="external field"):
+        call(ext=torch.zeros(1, F, 2))
+    with pytest.raises(RuntimeError, match="block_step: head layout"):  # F read from theta
+        call(th=torch.zeros(B, 1, F + 1))

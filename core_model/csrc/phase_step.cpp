@@ -43,6 +43,18 @@ std::vector<torch::Tensor> block_step(torch::Tensor proj, int64_t H, int64_t d_s
   const bool rope = rope_cos.numel() > 0;
   TORCH_CHECK(!(kuramoto || gated) || field, "block_step: the Kuramoto step and the gate need the mean field");
   TORCH_CHECK(d_s + (resonant ? 2 * F : 0) == d, "block_step: head layout mismatch");
+  // shapes: every read below stays inside its tensor
+  TORCH_CHECK(proj.scalar_type() == torch::kFloat && cache_k.scalar_type() == torch::kFloat &&
+              cache_v.scalar_type() == torch::kFloat, "block_step: float32 tensors only");
+  TORCH_CHECK(W >= 2 * H * d_s + H * d, "block_step: projection narrower than q, k, v");
+  TORCH_CHECK(cache_k.dim() == 4 && cache_k.size(0) == B && cache_k.size(1) == H && cache_k.size(3) == d &&
+              cache_v.sizes() == cache_k.sizes() && 0 <= pos && pos < T_max, "block_step: cache shape or position");
+  TORCH_CHECK(!rope || (rope_cos.numel() == B * half && rope_sin.numel() == B * half), "block_step: rope tables");
+  TORCH_CHECK(!phases || theta.numel() == B * F, "block_step: theta shape");
+  TORCH_CHECK(!field || (past_sum.numel() == B * F * 2 && count.numel() == B), "block_step: mean-field state");
+  TORCH_CHECK(!external || ext.numel() == B * F * 2, "block_step: external field must be (B, F, 2)");
+  TORCH_CHECK(!resonant || (phases && resonance.numel() == H), "block_step: resonance weights");
+  TORCH_CHECK((!kuramoto || omega_col + F <= W) && (!gated || gate_col < W), "block_step: projection columns");
   auto q = torch::empty({B, H, 1, d}, opts);
   auto new_sum = field ? torch::empty({B, 1, F, 2}, opts) : none;
   auto order = field ? torch::empty({B, 1, 1}, opts) : none;
