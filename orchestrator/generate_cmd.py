@@ -54,10 +54,12 @@ def register(app: typer.Typer) -> None:
         """Continue PROMPT and print the text with a few metrics."""
         import torch
 
+        from core_model.fused import phase_kernel
         from core_model.kuramoto import global_order_parameter
 
         model, tokenizer = load_model_and_tokenizer(checkpoint, preset, seed, device)
         ids = (tokenizer.chat_prompt_ids(prompt) if chat else tokenizer.encode(prompt)) or [tokenizer.bos_id]
+        phase_kernel()  # load (or, once per machine, build) the fused decoding step before timing
         started = time.perf_counter()
         new = model.generate([ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..attention import apply_rope
+from ..fused import phase_kernel
 from ..generation import SamplingParams, sample_next
 from .agency import compute_foci, steering_bias
 from .api import ConceptInput, memory_offset, reference_hidden
@@ -105,6 +106,7 @@ class CognitiveDecoder:
         V = model.config.vocab_size
         device = next(model.parameters()).device
         trace = DecodeTrace()
+        phase_kernel()  # load (or, once per machine, build) the fused decoding step before timing
         started = time.perf_counter()
         limit = model.config.max_seq_len
         if len(prompt_ids) + max_new > limit:
