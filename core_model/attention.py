@@ -66,6 +66,9 @@ class ResonantAttention(nn.Module):
         if self.resonant:
             ladder = config.resonance_lambda0 * PHI ** -torch.arange(H, dtype=torch.float32)
             self.resonance = nn.Parameter(ladder)  # lambda_h
+        # Set by an observer (the attention-foci probe): keep the latest finished queries
+        self.record_query = False
+        self.last_query: torch.Tensor | None = None
 
     def phase_weight(self) -> torch.Tensor:
         """w_h = lambda_h * sqrt(d) / F, shape (1, H, 1, 1) (kept between calls in decoding)."""
@@ -111,6 +114,8 @@ class ResonantAttention(nn.Module):
             q_feat, k_feat = self.phase_features(u) if feats is None else feats
             q = torch.cat([q, q_feat], dim=-1)
             k = torch.cat([k, k_feat.expand(B, H, T, -1)], dim=-1)
+        if self.record_query:
+            self.last_query = q
         if cache is not None:
             end = cache_start + T
             cache.k[:, :, cache_start:end] = k
@@ -135,6 +140,8 @@ class ResonantAttention(nn.Module):
         """Attention of finished queries q (B, H, T, d) over the first ``end`` cached keys (the
         fused decoding step writes q, k and v itself); returns (B, T, D)."""
         B, H, T, d = q.shape
+        if self.record_query:
+            self.last_query = q
         y = F.scaled_dot_product_attention(q, cache.k[:, :, :end], cache.v[:, :, :end], attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * d))

@@ -67,7 +67,7 @@ class ResoFormerBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, BlockTrace]:
         """x (B, T, D); theta (B, T, F) or None; counts (B, T, 1, 1): the n of each prefix mean field."""
         if (cache is not None and valid is None and x.shape[1] == 1 and x.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and not torch.is_grad_enabled() and cache.k.is_contiguous()
                 and (kernel := phase_kernel()) is not None):
             return self._decode_step(kernel, x, theta, rope, attn_mask, counts, external, cache, cache_start)
         proj = self.in_proj(self.ln_attn(x))

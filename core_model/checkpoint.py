@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -49,9 +50,12 @@ def save_checkpoint(model, directory: str | Path, tokenizer: ResoTokenizer | Non
 
 
 def _replace(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: writers look at it
+    """``write(tmp)`` a sibling temporary file, flush it to disk, then rename it over ``path``."""
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")  # same suffix: writers look at it
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

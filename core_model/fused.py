@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).parent / "csrc" / "phase_step.cpp"
-NAME = "reso_block_step_v2"  # bump when the kernel's interface changes
+NAME = "reso_block_step_v3"  # bump when the kernel's interface changes
 _lock = threading.Lock()
 _kernel: ModuleType | None = None
 _state = "not loaded"

@@ -131,9 +131,9 @@ class ResoLLMModel(CognitionMixin, nn.Module):
             cache.length = start + T
             cache.next_pos = cache.next_pos + (valid.sum(1) if valid is not None else T)  # real tokens only
             if counts is not None:
-                cache.phase_count = counts.view(B, -1)[:, -1]
+                cache.phase_count = counts[:, -1].view(-1)
             if theta is not None:
-                cache.last_theta = theta
+                cache.last_theta = theta.detach() if theta.requires_grad else theta
 
         hidden = self.ln_f(x)
         logits = self.head(hidden[:, -1:] if last_only else hidden)

@@ -136,7 +136,10 @@ class StatePayload(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unkno
         extra: dict[str, Any] = {}
         for name, value in values.items():
             if type(value) not in _PLAIN:
-                value = _plain(name, value)
+                try:
+                    value = _plain(name, value)
+                except (TypeError, ValueError) as exc:  # e.g. a "phases" array of strings
+                    raise MalformedMessage(f"payload field {name!r}: {exc}") from exc
             if name in _KNOWN:
                 fields[name] = value
             elif name == "extra" and isinstance(value, Mapping):
@@ -407,13 +410,17 @@ def encode_update(agent: str, key: str,
     The publish fast path: `agent` and `key` must already be valid (the node checks them once
     per key); the payload is converted and checked here (`MalformedMessage` if invalid).
     """
-    if payload is not None and type(payload) is not StatePayload:
+    hand_built = type(payload) is StatePayload
+    if payload is not None and not hand_built:
         payload = StatePayload.from_mapping(payload)
     update = StateUpdate(key, agent, payload, 0, 0, time.time())
     try:
-        return _ENCODER.encode(update)
+        body = _ENCODER.encode(update)
     except (TypeError, OverflowError, ValueError) as exc:
         raise MalformedMessage(f"cannot pack {key!r:.80}: {exc}") from exc
+    if hand_built:  # its constructor did not check the types: check it as a receiver would
+        unpack(body, MessageLimits(max_frame_bytes=len(body)))
+    return body
 
 
 def _plain(name: str, value: Any) -> Any:

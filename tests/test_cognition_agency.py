@@ -98,32 +98,41 @@ def test_attention_foci_have_the_seed_fields():
 
 
 def test_last_query_attention_matches_explicit_scores():
-    """The probe's attention mass equals softmax of the module's own explicit scores (last row)."""
+    """The probe's attention mass equals softmax of the module's own explicit scores (last row),
+    after a prefill and after a cached decoding step (the fused path when it is built)."""
     from core_model.cognition.decoding import _AttentionProbe
 
     model = tiny()
     attn = model.blocks[-1].attn
+
+    def explicit_last_row(ids: torch.Tensor) -> np.ndarray:
+        seen = {}
+        hook = attn.register_forward_pre_hook(lambda module, args: seen.update(args=args))
+        with torch.no_grad():
+            model(ids)
+            hook.remove()
+            qkv, phase, rope = seen["args"][:3]
+            theta = torch.atan2(phase[..., 1], phase[..., 0])  # phasors (B, T, F, 2) -> angles
+            T = ids.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            scores = attn.explicit_scores(qkv, theta, rope).masked_fill(~causal, float("-inf"))
+            return scores.softmax(-1)[0, :, -1].mean(0).numpy()
+
     probe = _AttentionProbe(attn)
     ids = torch.tensor([[5, 80, 101, 33, 7, 250, 90, 12]])
     cache = model.new_cache(1, 16)
-    with torch.no_grad():
+    with torch.inference_mode():
         model(ids, cache=cache)
-        mass = probe.last_query_mass(cache.layers[-1], ids.shape[1], None)
-        qkv_or_x, phase, rope = probe.args[:3]
-        theta = model(ids).phases  # not needed by the check below, keeps the forward honest
+        probe.capture()
+        mass = probe.last_query_mass(cache.layers[-1], 8, None)
+        model(torch.tensor([[44]]), cache=cache)  # one cached step
+        probe.capture()
+        mass_step = probe.last_query_mass(cache.layers[-1], 9, None)
     probe.remove()
-    assert theta is not None and mass.shape == (8,) and math.isclose(float(mass.sum()), 1.0, rel_tol=1e-5)
-    if phase.is_complex():
-        th = phase.angle()
-    elif phase.dim() == 4:
-        th = torch.atan2(phase[..., 1], phase[..., 0])
-    else:
-        th = phase
-    scores = attn.explicit_scores(qkv_or_x, th, rope)  # (B, H, T, T)
-    T = ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    ref = scores.masked_fill(~causal, float("-inf")).softmax(-1)[0, :, -1].mean(0)
-    assert np.allclose(mass, ref.detach().numpy(), atol=1e-5)
+    assert attn.last_query is None and not attn.record_query
+    assert mass.shape == (8,) and math.isclose(float(mass.sum()), 1.0, rel_tol=1e-5)
+    assert np.allclose(mass, explicit_last_row(ids), atol=1e-5)
+    assert np.allclose(mass_step, explicit_last_row(torch.cat([ids, torch.tensor([[44]])], 1)), atol=1e-5)
 
 
 def test_agency_switch_and_errors():

@@ -275,3 +275,12 @@ def test_encode_update_matches_pack_of_make_update() -> None:
     for wrong in ({"o": object()}, {"step": 1.5}, {"i": 1 << 64}):
         with pytest.raises(MalformedMessage):
             encode_update("a", "agent/a/x", wrong)
+
+
+def test_encode_update_checks_a_hand_built_payload() -> None:
+    from entanglement.message import StatePayload
+    assert unpack(encode_update("a", "agent/a/x", StatePayload(step=3))).payload.step == 3
+    with pytest.raises(MalformedMessage):
+        encode_update("a", "agent/a/x", StatePayload(coherence="high"))  # type: ignore[arg-type]
+    with pytest.raises(MalformedMessage):
+        encode_update("a", "agent/a/x", {"phases": np.array(["a", "b"])})

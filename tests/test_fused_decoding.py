@@ -132,3 +132,25 @@ def test_kernel_refuses_shapes_it_cannot_read(kernel):
         call(ext=torch.zeros(1, F, 2))
     with pytest.raises(RuntimeError, match="block_step: head layout"):  # F read from theta
         call(th=torch.zeros(B, 1, F + 1))
+
+
+def test_attention_foci_are_the_same_on_both_paths(kernel, monkeypatch):
+    """The foci read the last query of the main trajectory, which the fused step records too."""
+    from core_model.inference import ResoLLMInference
+    from core_model.tokenizer import create_default_tokenizer
+
+    tok = create_default_tokenizer()
+
+    def foci():
+        m = model(max_seq_len=128)
+        engine = ResoLLMInference(m, tok, temperature=0.0)
+        engine.generate("The garden was full of flowers and", max_length=20, seed=0, stop_at_eos=False)
+        return [(f.target, f.intensity) for f in m.get_attention_foci()]
+
+    fused = foci()
+    with monkeypatch.context() as mp:
+        eager(mp)
+        reference = foci()
+    assert [t for t, _ in fused] == [t for t, _ in reference] and fused
+    for (_, a), (_, b) in zip(fused, reference):
+        assert a == pytest.approx(b, abs=1e-5)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..attention import apply_rope
 from ..fused import phase_kernel
 from ..generation import SamplingParams, sample_next
 from .agency import compute_foci, steering_bias
@@ -58,31 +57,29 @@ def _entropy(z: np.ndarray) -> float:
 
 
 class _AttentionProbe:
-    """Keeps the inputs of the last attention module's latest call (references only)."""
+    """Holds the last attention module's most recent query of the main trajectory.
+
+    The module records its finished queries (phase features included) while a probe is attached,
+    on the eager and the fused decoding path alike; ``capture`` takes the latest one right after
+    a main-trajectory forward, before the Lyapunov twin's catch-up can run the module again.
+    """
 
     def __init__(self, attn) -> None:
         self.attn = attn
-        self.args: tuple | None = None
-        self.kwargs: dict = {}
-        self.handle = attn.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.q: torch.Tensor | None = None
+        attn.record_query = True
 
-    def _hook(self, module, args, kwargs) -> None:
-        self.args, self.kwargs = args, kwargs
+    def capture(self) -> None:
+        self.q = self.attn.last_query
 
     def remove(self) -> None:
-        self.handle.remove()
+        self.attn.record_query = False
+        self.attn.last_query = None
 
     @torch.no_grad()
     def last_query_mass(self, cache_layer, length: int, key_valid: torch.Tensor | None) -> np.ndarray:
         """softmax(q_last . k / sqrt(d)) over the cached keys, averaged over heads: (length,)."""
-        attn, (inp, u, rope) = self.attn, self.args[:3]
-        q = attn.split_heads(inp[:1, -1:])[0]  # the module receives the projected qkv
-        if rope is not None:
-            q = apply_rope(q, rope[0][:1, :, -1:], rope[1][:1, :, -1:])
-        if attn.resonant:  # the phase features, as the module appended them to its queries
-            feats = self.kwargs.get("feats")
-            q_feat = attn.phase_features(u)[0] if feats is None else feats[0]
-            q = torch.cat([q, q_feat[:1, :, -1:].expand(1, attn.num_heads, 1, -1).to(q.dtype)], -1)
+        q = self.q[:1, :, -1:]  # (1, H, 1, d)
         k = cache_layer.k[:1, :, :length]
         scores = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # (1, H, L)
         if key_valid is not None:
@@ -141,6 +138,8 @@ class CognitiveDecoder:
                 offsets = twin.prefill_offsets(offsets, T0, seed)
             cache = model.new_cache(B, T0 + max_new)
             out = model(ids, cache=cache, input_offsets=offsets, last_only=not agency_on)
+            if probe is not None:
+                probe.capture()
             if twin is not None:
                 cache = twin.split(cache)
             controller = TemperatureController(cfg.stability, params.temperature)
@@ -205,6 +204,8 @@ class CognitiveDecoder:
                 concept = concepts.offsets(context, len(context) - 1)
                 step_offset = mem_step if concept is None else self._offsets(1, concept, mem, 1)
                 out = model(inp, cache=cache, input_offsets=step_offset)
+                if probe is not None:
+                    probe.capture()
                 if twin is not None:
                     twin.step(nxt, step_offset, cache, out.hidden, noise)
                 if agency_on:
@@ -274,7 +275,7 @@ class CognitiveDecoder:
         L = len(context)
         if len(pieces) < L:
             pieces.extend(self.tok.decode_pieces(context[len(pieces):L]))
-        intensity = probe.last_query_mass(cache.layers[-1], L, cache.key_valid) if probe.args is not None \
+        intensity = probe.last_query_mass(cache.layers[-1], L, cache.key_valid) if probe.q is not None \
             else np.zeros(L)
         hidden = torch.cat(hidden_rows)[:L].cpu().numpy()
         if goals:

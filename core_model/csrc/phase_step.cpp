@@ -30,6 +30,13 @@ std::vector<torch::Tensor> block_step(torch::Tensor proj, int64_t H, int64_t d_s
                                       OptTensor count_, OptTensor ext_, OptTensor resonance_,
                                       double w_scale, OptTensor K_, double dt, OptTensor a_, double tau) {
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "block_step: the cache must be contiguous");
+  TORCH_CHECK(proj.dim() >= 1 && proj.size(0) > 0, "block_step: empty batch");
+  for (const OptTensor& t : {OptTensor(proj), OptTensor(cache_k), OptTensor(cache_v), rope_cos_, rope_sin_, theta_,
+                             past_sum_, count_, ext_, resonance_, K_, a_})
+    TORCH_CHECK(!t.has_value() || (t->device().is_cpu() && t->scalar_type() == torch::kFloat),
+                "block_step: float32 CPU tensors only");
+  TORCH_CHECK(omega_col < 0 || (K_.has_value() && K_->numel() == 1), "block_step: the Kuramoto step needs K");
+  TORCH_CHECK(gate_col < 0 || (a_.has_value() && a_->numel() == 1), "block_step: the gate needs its weight");
   proj = proj.contiguous();
   auto opts = proj.options();
   auto none = torch::empty({0}, opts);
@@ -44,8 +51,6 @@ std::vector<torch::Tensor> block_step(torch::Tensor proj, int64_t H, int64_t d_s
   TORCH_CHECK(!(kuramoto || gated) || field, "block_step: the Kuramoto step and the gate need the mean field");
   TORCH_CHECK(d_s + (resonant ? 2 * F : 0) == d, "block_step: head layout mismatch");
   // shapes: every read below stays inside its tensor
-  TORCH_CHECK(proj.scalar_type() == torch::kFloat && cache_k.scalar_type() == torch::kFloat &&
-              cache_v.scalar_type() == torch::kFloat, "block_step: float32 tensors only");
   TORCH_CHECK(W >= 2 * H * d_s + H * d, "block_step: projection narrower than q, k, v");
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.size(0) == B && cache_k.size(1) == H && cache_k.size(3) == d &&
               cache_v.sizes() == cache_k.sizes() && 0 <= pos && pos < T_max, "block_step: cache shape or position");
