@@ -138,12 +138,18 @@ class ResonantAttention(nn.Module):
     def attend_cached(self, q: torch.Tensor, cache: LayerCache, end: int,
                       attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of finished queries q (B, H, T, d) over the first ``end`` cached keys (the
-        fused decoding step writes q, k and v itself); returns (B, T, D)."""
+        fused step writes q, k and v itself), causal over the T new tokens; returns (B, T, D)."""
         B, H, T, d = q.shape
         if self.record_query:
             self.last_query = q
+        causal = False
+        if attn_mask is None and T > 1:  # plain causal: the T new queries sit at the end of the keys
+            if end == T:
+                causal = True
+            else:
+                attn_mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(end - T)
         y = F.scaled_dot_product_attention(q, cache.k[:, :, :end], cache.v[:, :, :end], attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * d))
 
     def explicit_scores(self, qkv: torch.Tensor, theta: torch.Tensor, rope=None) -> torch.Tensor:

@@ -66,8 +66,8 @@ class ResoFormerBlock(nn.Module):
         cache_start: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None, BlockTrace]:
         """x (B, T, D); theta (B, T, F) or None; counts (B, T, 1, 1): the n of each prefix mean field."""
-        if (cache is not None and valid is None and x.shape[1] == 1 and x.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.is_grad_enabled() and cache.k.is_contiguous()
+        if (cache is not None and valid is None and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and cache.k.is_contiguous()
                 and (kernel := phase_kernel()) is not None):
             return self._decode_step(kernel, x, theta, rope, attn_mask, counts, external, cache, cache_start)
         proj = self.in_proj(self.ln_attn(x))
@@ -92,8 +92,9 @@ class ResoFormerBlock(nn.Module):
         return x, theta, BlockTrace(order, gate)
 
     def _decode_step(self, kernel, x, theta, rope, attn_mask, counts, external, cache, cache_start):
-        """``forward`` for one token per row without gradients: everything between the input
-        projection and the attention kernel in one compiled call (``core_model.fused``)."""
+        """``forward`` with a cache, no padding and no gradients (decoding steps, prefills, the
+        Lyapunov twin's catch-ups): everything between the input projection and the attention
+        kernel in one compiled call (``core_model.fused``)."""
         args = self.__dict__.get("_decode_args")
         if args is None:  # the constant arguments, looked up once (parameters are kept by reference)
             attn, kuramoto, gate, w = self.attn, self.kuramoto, self.gate, self.in_widths
@@ -120,7 +121,7 @@ class ResoFormerBlock(nn.Module):
             external, resonance, w_scale, K, dt, a, tau)
         if field:
             cache.phase_sum = new_sum
-        a = self.resid_dropout(self.attn.attend_cached(q, cache, cache_start + 1, attn_mask))
+        a = self.resid_dropout(self.attn.attend_cached(q, cache, cache_start + x.shape[1], attn_mask))
         if gated:
             x = torch.addcmul(x, gate, a, value=2.0)
             x = torch.addcmul(x, gate, self.ffn(self.ln_ffn(x)), value=2.0)

@@ -1,13 +1,14 @@
-"""An optional compiled kernel for the single-token decoding step of a block.
+"""An optional compiled kernel for a block's cached forward (decoding steps, prefills).
 
 At batch 1 on a CPU a decoding step is bound by kernel dispatch: between a block's input
 projection and its attention kernel sit about thirty tiny kernels (splitting heads, RoPE,
 writing k and v into the cache, and for the resonant parts the phasors, the Kuramoto mean field
 and step, the gate and the attention phase features). ``csrc/phase_step.cpp`` does all of it in
-one call, for the full model and the vanilla setting alike; blocks use it for single-token steps
-without gradients on float32 CPU tensors, and the eager code everywhere else (training,
-prefill, other devices and dtypes). Both paths compute the same equations (tests compare them
-to 1e-5).
+one call, for the full model and the vanilla setting alike; blocks use it for every forward with
+a cache, without padding and without gradients on float32 CPU tensors (decoding steps,
+prefills of unpadded prompts, the Lyapunov twin's catch-ups), and the eager code everywhere
+else (training, uncached forwards, padded batches, other devices and dtypes). Both paths compute
+the same equations (tests compare them to 1e-5).
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
 ninja; about 30 s, once per machine: the build is cached under ``TORCH_EXTENSIONS_DIR`` or
@@ -27,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCE = Path(__file__).parent / "csrc" / "phase_step.cpp"
-NAME = "reso_block_step_v3"  # bump when the kernel's interface changes
+NAME = "reso_block_step_v4"  # bump when the kernel's interface changes
 _lock = threading.Lock()
 _kernel: ModuleType | None = None
 _state = "not loaded"

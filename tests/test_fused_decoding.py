@@ -88,7 +88,7 @@ def test_fused_step_with_an_external_field(kernel, monkeypatch, shape):
     assert not torch.allclose(fused[-1][0], no_field[-1][0])  # the field did reach the phases
 
 
-def test_fused_path_is_used_only_without_gradients(kernel, monkeypatch):
+def test_fused_path_is_used_only_with_a_cache_and_without_gradients(kernel, monkeypatch):
     calls = []
     real = core_model.block.phase_kernel
 
@@ -98,16 +98,45 @@ def test_fused_path_is_used_only_without_gradients(kernel, monkeypatch):
 
     monkeypatch.setattr(core_model.block, "phase_kernel", counting)
     m = model()
-    cache = m.new_cache(1, 16)
+    n = len(m.blocks)
     with torch.inference_mode():
-        m(torch.tensor([[1, 2, 3]]), cache=cache)
-        assert not calls  # a prefill of 3 tokens is eager
+        m(torch.tensor([[1, 2, 3]]))  # no cache: eager
+        assert not calls
+        cache = m.new_cache(1, 16)
+        m(torch.tensor([[1, 2, 3]]), cache=cache)  # a prefill with a cache: fused
         m(torch.tensor([[4]]), cache=cache)
-        assert len(calls) == len(m.blocks)
+        assert len(calls) == 2 * n
+        cache = m.new_cache(2, 16)
+        m(torch.tensor([[0, 1, 2], [3, 4, 5]]), cache=cache, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+        assert len(calls) == 2 * n  # padding: eager
     cache = m.new_cache(1, 16)
     m(torch.tensor([[1, 2, 3]]), cache=cache)
     m(torch.tensor([[4]]), cache=cache)  # gradients on: eager
-    assert len(calls) == len(m.blocks) and status() == "fused"
+    assert len(calls) == 2 * n and status() == "fused"
+
+
+def test_fused_multi_token_forwards_match_eager(kernel, monkeypatch):
+    """Prefill of an unpadded prompt, then chunks of several tokens (the twin's catch-ups)."""
+    m = model()
+    ids = torch.randint(0, 263, (2, 20), generator=torch.Generator().manual_seed(6))
+    field = torch.randn(4, 2, generator=torch.Generator().manual_seed(7))
+
+    def run():
+        cache = m.new_cache(2, 20)
+        outs = []
+        with torch.inference_mode():
+            for a, b in ((0, 7), (7, 8), (8, 13), (13, 20)):
+                out = m(ids[:, a:b], cache=cache, external_field=field)
+                outs.append((out.logits, out.phases, out.coherence))
+        return outs
+
+    fused = run()
+    with monkeypatch.context() as mp:
+        eager(mp)
+        reference = run()
+    for f, r in zip(fused, reference):
+        for a, b in zip(f, r):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_refuses_shapes_it_cannot_read(kernel):
