@@ -113,6 +113,15 @@ def publish_loop(publish: Any, start: float, end: float, period: float | None) -
                 time.sleep(delay)
 
 
+def publish_while_receiving(publish: Any, sub: zmq.Socket, window: Window, start: float,
+                            period: float | None) -> None:
+    """Raw setups: `publish` runs in a thread while this one drains `sub` into `window`."""
+    thread = threading.Thread(target=publish_loop, args=(publish, start, window.end + 0.1, period))
+    thread.start()
+    receive_raw(sub, window)
+    thread.join()
+
+
 # -- agent processes ------------------------------------------------------------------------
 
 
@@ -163,10 +172,7 @@ def run_raw_agent(ctx: zmq.Context, pub: zmq.Socket, agent: str, payload: dict, 
         except zmq.Again:  # a full queue: the update is lost, as a raw PUB would lose it
             window.dropped += 1
 
-    thread = threading.Thread(target=publish_loop, args=(publish, start, window.end + 0.1, period))
-    thread.start()
-    receive_raw(sub, window)
-    thread.join()
+    publish_while_receiving(publish, sub, window, start, period)
     sub.close(linger=0)
     return window.count, window.latencies
 
@@ -196,10 +202,7 @@ def run_fwd_agent(ctx: zmq.Context, agent: str, payload: dict, conn: Connection,
             except zmq.Again:  # a full queue: the update is lost (counted, not retried)
                 window.dropped += 1
 
-    thread = threading.Thread(target=publish_loop, args=(publish, start, window.end + 0.1, period))
-    thread.start()
-    receive_raw(sub, window)
-    thread.join()
+    publish_while_receiving(publish, sub, window, start, period)
     push.close(linger=0)
     sub.close(linger=0)
     return window.count, window.latencies

@@ -101,55 +101,44 @@ class ResonantAttention(nn.Module):
         attn_mask: torch.Tensor | None,
         cache: LayerCache | None = None,
         cache_start: int = 0,
-        feats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """qkv (B, T, qkv_width); u = (cos theta, sin theta) (B, T, F, 2); attn_mask bool
-        (B, 1, T, T_k) or None for plain causal; ``feats`` = the query and key phase features
-        (B, H, T, 2F) and (B, 1, T, 2F) when already computed (the fused decoding step), in
-        place of ``u``. Returns (B, T, D)."""
+        (B, 1, T, T_k) or None for plain causal. Returns (B, T, D)."""
         B, T, _ = qkv.shape
         H = self.num_heads
         q, k, v = self.split_heads(qkv, rope)
         if self.resonant:
-            q_feat, k_feat = self.phase_features(u) if feats is None else feats
+            q_feat, k_feat = self.phase_features(u)
             q = torch.cat([q, q_feat], dim=-1)
             k = torch.cat([k, k_feat.expand(B, H, T, -1)], dim=-1)
-        if self.record_query:
-            self.last_query = q
         if cache is not None:
             end = cache_start + T
             cache.k[:, :, cache_start:end] = k
             cache.v[:, :, cache_start:end] = v
             k, v = cache.k[:, :, :end], cache.v[:, :, :end]
-        dropout = self.dropout if self.training else 0.0
-        if attn_mask is None:
-            # Plain causal: with a cache, T new queries sit at the end of the keys.
-            if k.shape[2] == T:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            elif T == 1:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-            else:
-                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=qkv.device).tril(k.shape[2] - T)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
+        return self._attend(q, k, v, attn_mask)
 
     def attend_cached(self, q: torch.Tensor, cache: LayerCache, end: int,
                       attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of finished queries q (B, H, T, d) over the first ``end`` cached keys (the
-        fused step writes q, k and v itself), causal over the T new tokens; returns (B, T, D)."""
+        fused step writes q, k and v itself); returns (B, T, D)."""
+        return self._attend(q, cache.k[:, :, :end], cache.v[:, :, :end], attn_mask)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """SDPA of q (B, H, T, d) over k, v (B, H, T_k, d) and the output projection. With no
+        mask it is plain causal: the T queries are the last T of the keys (a cache holds the rest)."""
         B, H, T, d = q.shape
         if self.record_query:
             self.last_query = q
-        causal = False
-        if attn_mask is None and T > 1:  # plain causal: the T new queries sit at the end of the keys
-            if end == T:
+        T_k, causal = k.shape[2], False
+        if attn_mask is None and T > 1:
+            if T_k == T:
                 causal = True
             else:
-                attn_mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(end - T)
-        y = F.scaled_dot_product_attention(q, cache.k[:, :, :end], cache.v[:, :, :end], attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+                attn_mask = torch.ones(T, T_k, dtype=torch.bool, device=q.device).tril(T_k - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, H * d))
 
     def explicit_scores(self, qkv: torch.Tensor, theta: torch.Tensor, rope=None) -> torch.Tensor:

@@ -131,34 +131,25 @@ class StatePayload(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unkno
             try:
                 return msgspec.convert(values, cls)
             except msgspec.ValidationError:
-                pass  # perhaps numpy values: convert them below
+                pass  # perhaps numpy values: the general path below converts them first
         fields: dict[str, Any] = {}
         extra: dict[str, Any] = {}
-        for name, value in values.items():
-            if type(value) not in _PLAIN:
-                try:
-                    value = _plain(name, value)
-                except (TypeError, ValueError) as exc:  # e.g. a "phases" array of strings
-                    raise MalformedMessage(f"payload field {name!r}: {exc}") from exc
-            if name in _KNOWN:
-                fields[name] = value
-            elif name == "extra" and isinstance(value, Mapping):
-                extra.update(value)
-            else:
-                extra[name] = value
+        try:
+            for name, value in values.items():
+                if name == "extra" and isinstance(value, Mapping):
+                    extra.update((n, _plain(n, v)) for n, v in value.items())
+                elif name in _KNOWN:
+                    fields[name] = _plain(name, value)
+                else:
+                    extra[name] = _plain(name, value)
+        except (TypeError, ValueError) as exc:  # e.g. a "phases" array of strings
+            raise MalformedMessage(f"invalid payload: {exc}") from exc
         if extra:
             fields["extra"] = extra
         try:
             return msgspec.convert(fields, cls)
         except msgspec.ValidationError as exc:
-            error = exc  # maybe numpy scalars inside a list: convert them, then try once more
-        deep = {k: ({n: _plain(n, v) for n, v in value.items()} if k == "extra" else
-                    _plain(k, value)) for k, value in fields.items()}
-        try:
-            return msgspec.convert(deep, cls)
-        except msgspec.ValidationError as exc:
-            error = exc
-        raise MalformedMessage(f"invalid payload: {error}") from error
+            raise MalformedMessage(f"invalid payload: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         """The payload as one flat dict (well-known fields that are set, then extras)."""
@@ -296,7 +287,7 @@ def pack(update: StateUpdate) -> bytes:
         body = _ENCODER.encode(update)
     except (TypeError, OverflowError, ValueError) as exc:  # e.g. an int beyond 64 bits
         raise MalformedMessage(f"cannot pack {update.key!r:.80}: {exc}") from exc
-    unpack(body, MessageLimits(max_frame_bytes=max(len(body), 1)))
+    _decode_body(body)
     return body
 
 
@@ -304,8 +295,12 @@ def unpack(frame: bytes, limits: MessageLimits = MessageLimits()) -> StateUpdate
     """Decode and validate one body frame; raise `MalformedMessage` on anything unexpected."""
     if len(frame) > limits.max_frame_bytes:
         raise MalformedMessage(f"frame of {len(frame)} bytes exceeds {limits.max_frame_bytes}")
+    return _decode_body(frame)
+
+
+def _decode_body(body: bytes | msgspec.Raw) -> StateUpdate:
     try:
-        return _BODY.decode(frame)
+        return _BODY.decode(body)
     except _DECODE_ERRORS as exc:
         raise MalformedMessage(f"not a valid body: {exc}") from exc
 
@@ -376,13 +371,11 @@ def _unpack_raw_batch(frame: bytes) -> _RawBatch:
         raise MalformedMessage(f"not a valid batch: {exc}") from exc
 
 
-def _body_or_error(raw: msgspec.Raw | MalformedMessage) -> StateUpdate | MalformedMessage:
-    if isinstance(raw, MalformedMessage):
-        return raw
+def _body_or_error(raw: msgspec.Raw) -> StateUpdate | MalformedMessage:
     try:
-        return _BODY.decode(raw)
-    except _DECODE_ERRORS as exc:
-        return MalformedMessage(f"not a valid body: {exc}")
+        return _decode_body(raw)
+    except MalformedMessage as exc:
+        return exc
 
 
 def make_update(agent: str, key: str, payload: Mapping[str, Any] | StatePayload | None,
@@ -419,7 +412,7 @@ def encode_update(agent: str, key: str,
     except (TypeError, OverflowError, ValueError) as exc:
         raise MalformedMessage(f"cannot pack {key!r:.80}: {exc}") from exc
     if hand_built:  # its constructor did not check the types: check it as a receiver would
-        unpack(body, MessageLimits(max_frame_bytes=len(body)))
+        _decode_body(body)
     return body
 
 

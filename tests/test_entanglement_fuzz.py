@@ -115,6 +115,20 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
+def scripted_hub(ctx: zmq.Context, sndhwm: int | None = None) -> tuple[zmq.Socket, zmq.Socket, BusNode]:
+    """A hub played by the test: its PUB and ROUTER bound on tcp, and a node "victim" connected."""
+    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
+    for s in (pub, router):
+        s.linger = 0
+        if sndhwm is not None:
+            s.sndhwm = sndhwm
+    eps = BusEndpoints.tcp()
+    router.bind(eps.snapshot)
+    pub.bind(eps.publish)
+    real = BusEndpoints(router.last_endpoint.decode(), pub.last_endpoint.decode(), eps.collect)
+    return pub, router, BusNode("victim", BusConfig(endpoints=real, **CONFIG))
+
+
 def test_hub_collector_survives_10000_fuzzed_frames() -> None:
     hub = BusHub(BusConfig(endpoints=BusEndpoints.tcp(), **CONFIG)).start()
     watcher = BusNode("watcher", hub.config)
@@ -184,15 +198,7 @@ def test_node_survives_fuzzed_updates_and_snapshot_replies() -> None:
     A body that is not one valid msgpack object makes the whole batch frame undecodable; one
     that decodes but is invalid is dropped on its own; either way exactly one is counted."""
     ctx = zmq.Context()
-    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
-    for s in (pub, router):
-        s.linger = 0
-        s.sndhwm = 0
-    eps = BusEndpoints.tcp()
-    router.bind(eps.snapshot)
-    pub.bind(eps.publish)
-    real = BusEndpoints(router.last_endpoint.decode(), pub.last_endpoint.decode(), eps.collect)
-    node = BusNode("victim", BusConfig(endpoints=real, **CONFIG))
+    pub, router, node = scripted_hub(ctx, sndhwm=0)
     totals = {"frames": 0}
     try:
         assert router.poll(5000)
@@ -262,14 +268,7 @@ def test_malformed_body_inside_a_batch_is_counted_and_its_hole_resyncs() -> None
     """A scripted hub: a batch [good, malformed, good] applies the first, counts the second and
     sees the third as a gap (re-sync); a batch ahead of the node's seq is a gap as well."""
     ctx = zmq.Context()
-    pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
-    for s in (pub, router):
-        s.linger = 0
-    eps = BusEndpoints.tcp()
-    router.bind(eps.snapshot)
-    pub.bind(eps.publish)
-    real = BusEndpoints(router.last_endpoint.decode(), pub.last_endpoint.decode(), eps.collect)
-    node = BusNode("victim", BusConfig(endpoints=real, **CONFIG))
+    pub, router, node = scripted_hub(ctx)
     epoch = 99
 
     def body(name: str, step: Any) -> bytes:
