@@ -101,13 +101,17 @@ class ResonantAttention(nn.Module):
         attn_mask: torch.Tensor | None,
         cache: LayerCache | None = None,
         cache_start: int = 0,
+        feats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """qkv (B, T, qkv_width); u = (cos theta, sin theta) (B, T, F, 2); attn_mask bool
-        (B, 1, T, T_k) or None for plain causal. Returns (B, T, D)."""
+        (B, 1, T, T_k) or None for plain causal; ``feats``: the query and key phase features
+        (B, H, T, 2F) when already computed (``core_model.phase_fields``). Returns (B, T, D)."""
         B, T, _ = qkv.shape
         H = self.num_heads
         q, k, v = self.split_heads(qkv, rope)
-        if self.resonant:
+        if feats is not None:
+            q, k = torch.cat([q, feats[0]], dim=-1), torch.cat([k, feats[1]], dim=-1)
+        elif self.resonant:
             q_feat, k_feat = self.phase_features(u)
             q = torch.cat([q, q_feat], dim=-1)
             k = torch.cat([k, k_feat.expand(B, H, T, -1)], dim=-1)

@@ -23,6 +23,7 @@ from .config import ResoLLMConfig
 from .feedforward import ResonantFFN
 from .fused import phase_kernel
 from .gating import CoherenceGate
+from .phase_fields import phase_fields
 from .kuramoto import PHASOR_SHIFTS, KuramotoCoupling, order_parameter, phasor_pairs, prefix_mean_field
 
 
@@ -72,6 +73,10 @@ class ResoFormerBlock(nn.Module):
             return self._decode_step(kernel, x, theta, rope, attn_mask, counts, external, cache, cache_start)
         proj = self.in_proj(self.ln_attn(x))
         qkv, omega, gate_logit = proj.split(self.in_widths, dim=-1)
+        if (cache is None and valid is None and external is None and theta is not None
+                and (self.needs_field or self.attn.resonant) and x.dtype == theta.dtype == torch.float32
+                and x.device.type == "cpu" and phase_kernel() is not None):
+            return self._sequence_step(x, theta, qkv, omega, gate_logit, rope, attn_mask)
         u = u_perp = z = order = None
         if theta is not None:  # (cos, sin) and (-sin, cos) of theta, shared by every phase consumer
             shifts = self.phasor_shifts if self.phasor_shifts.dtype == theta.dtype else self.phasor_shifts.to(theta.dtype)
@@ -90,6 +95,22 @@ class ResoFormerBlock(nn.Module):
         if self.kuramoto is not None:
             theta = self.kuramoto(theta, omega, z, external, u_perp)
         return x, theta, BlockTrace(order, gate)
+
+    def _sequence_step(self, x, theta, qkv, omega, gate_logit, rope, attn_mask):
+        """``forward`` without a cache, padding or external field (training, uncached forwards):
+        the phase machinery and its backward in two compiled calls (``core_model.phase_fields``)."""
+        attn, kuramoto, gate = self.attn, self.kuramoto, self.gate
+        theta_new, g, order, q_feat, k_feat = phase_fields(
+            theta, omega if kuramoto is not None else None, gate_logit if gate is not None else None,
+            kuramoto.coupling if kuramoto is not None else None, gate.order_weight if gate is not None else None,
+            attn.resonance if attn.resonant else None, gate.threshold if gate is not None else 0.0,
+            kuramoto.dt if kuramoto is not None else 0.0, math.sqrt(attn.head_dim) / attn.num_phases,
+            attn.num_heads, self.needs_field)
+        a = self.resid_dropout(attn(qkv, None, rope, attn_mask, feats=(q_feat, k_feat) if attn.resonant else None))
+        x = x + a if g is None else torch.addcmul(x, g, a, value=2.0)
+        f = self.ffn(self.ln_ffn(x))
+        x = x + f if g is None else torch.addcmul(x, g, f, value=2.0)
+        return x, (theta_new if kuramoto is not None else theta), BlockTrace(order, g)
 
     def _decode_step(self, kernel, x, theta, rope, attn_mask, counts, external, cache, cache_start):
         """``forward`` with a cache, no padding and no gradients (decoding steps, prefills, the

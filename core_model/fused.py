@@ -1,4 +1,5 @@
-"""An optional compiled kernel for a block's cached forward (decoding steps, prefills).
+"""Optional compiled kernels: a block's cached forward (decoding steps, prefills) and the phase
+machinery of uncached sequences with its backward (training; ``core_model.phase_fields``).
 
 At batch 1 on a CPU a decoding step is bound by kernel dispatch: between a block's input
 projection and its attention kernel sit about thirty tiny kernels (splitting heads, RoPE,
@@ -7,8 +8,11 @@ and step, the gate and the attention phase features). ``csrc/phase_step.cpp`` do
 one call, for the full model and the vanilla setting alike; blocks use it for every forward with
 a cache, without padding and without gradients on float32 CPU tensors (decoding steps,
 prefills of unpadded prompts, the Lyapunov twin's catch-ups), and the eager code everywhere
-else (training, uncached forwards, padded batches, other devices and dtypes). Both paths compute
-the same equations (tests compare them to 1e-5).
+else (uncached forwards, padded batches, other devices and dtypes). Both paths compute the same
+equations (tests compare them to 1e-5). ``csrc/phase_fields.cpp`` (same module) does the same for
+training: the phasors, mean field, order parameter, gate, Kuramoto step and attention phase
+features of a whole sequence, forward and backward, two calls per block instead of about a hundred
+small kernels (see ``core_model/phase_fields.py``).
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
 ninja; about 30 s, once per machine: the build is cached under ``TORCH_EXTENSIONS_DIR`` or
@@ -27,8 +31,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).parent / "csrc" / "phase_step.cpp"
-NAME = "reso_block_step_v4"  # bump when the kernel's interface changes
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("phase_step.cpp", "phase_fields.cpp")]
+NAME = "reso_block_step_v5"  # bump when the kernel's interface changes
 _lock = threading.Lock()
 _kernel: ModuleType | None = None
 _state = "not loaded"
@@ -51,7 +55,7 @@ def phase_kernel() -> ModuleType | None:
             if not any(Path(cpp_extension._get_build_directory(NAME, verbose=False)).glob("*.so")):
                 print("reso: building the fused decoding kernel (once per machine, about 30 s)",
                       file=sys.stderr, flush=True)
-            _kernel = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-ffp-contract=off"],
+            _kernel = cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=["-O3", "-ffp-contract=off"],
                                          verbose=False)
             _state = "fused"
         except (OSError, RuntimeError, ImportError, subprocess.CalledProcessError) as exc:

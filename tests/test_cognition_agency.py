@@ -107,12 +107,13 @@ def test_last_query_attention_matches_explicit_scores():
 
     def explicit_last_row(ids: torch.Tensor) -> np.ndarray:
         seen = {}
-        hook = attn.register_forward_pre_hook(lambda module, args: seen.update(args=args))
+        block = model.blocks[-1]
+        hook = block.register_forward_pre_hook(lambda module, args: seen.update(args=args))
         with torch.no_grad():
             model(ids)
             hook.remove()
-            qkv, phase, rope = seen["args"][:3]
-            theta = torch.atan2(phase[..., 1], phase[..., 0])  # phasors (B, T, F, 2) -> angles
+            x, theta, rope = seen["args"][:3]  # the block's input, phases and RoPE tables
+            qkv = block.in_proj(block.ln_attn(x)).split(block.in_widths, dim=-1)[0]
             T = ids.shape[1]
             causal = torch.ones(T, T, dtype=torch.bool).tril()
             scores = attn.explicit_scores(qkv, theta, rope).masked_fill(~causal, float("-inf"))

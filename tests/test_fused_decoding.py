@@ -88,31 +88,39 @@ def test_fused_step_with_an_external_field(kernel, monkeypatch, shape):
     assert not torch.allclose(fused[-1][0], no_field[-1][0])  # the field did reach the phases
 
 
-def test_fused_path_is_used_only_with_a_cache_and_without_gradients(kernel, monkeypatch):
-    calls = []
-    real = core_model.block.phase_kernel
+def test_each_compiled_path_is_taken_only_where_it_applies(kernel, monkeypatch):
+    """Cached, unpadded, no gradients: the decoding kernel. Uncached, unpadded, no external field:
+    the sequence kernel (core_model/phase_fields.py). Everything else: eager."""
+    calls = {"decode": 0, "sequence": 0}
+    for name, method in (("decode", "_decode_step"), ("sequence", "_sequence_step")):
+        real = getattr(core_model.block.ResoFormerBlock, method)
 
-    def counting():
-        calls.append(1)
-        return real()
+        def counting(self, *args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(self, *args)
 
-    monkeypatch.setattr(core_model.block, "phase_kernel", counting)
+        monkeypatch.setattr(core_model.block.ResoFormerBlock, method, counting)
     m = model()
     n = len(m.blocks)
     with torch.inference_mode():
-        m(torch.tensor([[1, 2, 3]]))  # no cache: eager
-        assert not calls
+        m(torch.tensor([[1, 2, 3]]))  # no cache: sequence kernel
+        assert calls == {"decode": 0, "sequence": n}
+        m(torch.tensor([[1, 2, 3]]), external_field=torch.zeros(4, 2))  # external field: eager
+        m(torch.tensor([[0, 1, 2], [3, 4, 5]]), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))  # padding
+        assert calls == {"decode": 0, "sequence": n}
         cache = m.new_cache(1, 16)
-        m(torch.tensor([[1, 2, 3]]), cache=cache)  # a prefill with a cache: fused
+        m(torch.tensor([[1, 2, 3]]), cache=cache)  # a prefill with a cache: decoding kernel
         m(torch.tensor([[4]]), cache=cache)
-        assert len(calls) == 2 * n
+        assert calls == {"decode": 2 * n, "sequence": n}
         cache = m.new_cache(2, 16)
         m(torch.tensor([[0, 1, 2], [3, 4, 5]]), cache=cache, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
-        assert len(calls) == 2 * n  # padding: eager
+        assert calls == {"decode": 2 * n, "sequence": n}  # padding: eager
     cache = m.new_cache(1, 16)
     m(torch.tensor([[1, 2, 3]]), cache=cache)
-    m(torch.tensor([[4]]), cache=cache)  # gradients on: eager
-    assert len(calls) == 2 * n and status() == "fused"
+    m(torch.tensor([[4]]), cache=cache)  # gradients on, with a cache: eager
+    assert calls == {"decode": 2 * n, "sequence": n} and status() == "fused"
+    m(torch.tensor([[1, 2, 3]]))  # gradients on, no cache (training): sequence kernel
+    assert calls == {"decode": 2 * n, "sequence": 2 * n}
 
 
 def test_fused_multi_token_forwards_match_eager(kernel, monkeypatch):

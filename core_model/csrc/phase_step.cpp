@@ -151,4 +151,18 @@ std::vector<torch::Tensor> block_step(torch::Tensor proj, int64_t H, int64_t d_s
   return {q, new_sum, order, gate, theta_new};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("block_step", &block_step, "fused cached forward of a block"); }
+// phase_fields.cpp: the phase machinery of an uncached sequence, forward and backward
+std::vector<torch::Tensor> phase_fields_fwd(torch::Tensor theta, OptTensor omega, OptTensor logit, OptTensor K,
+                                            OptTensor a, double tau, double dt, OptTensor resonance,
+                                            double w_scale, int64_t H, bool field);
+std::vector<torch::Tensor> phase_fields_bwd(torch::Tensor theta, torch::Tensor z, torch::Tensor gate,
+                                            torch::Tensor order, OptTensor g_theta, OptTensor g_gate,
+                                            OptTensor g_order, OptTensor g_qf, OptTensor g_kf, OptTensor K,
+                                            OptTensor a, double tau, double dt, OptTensor resonance,
+                                            double w_scale, int64_t H, bool kuramoto);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("block_step", &block_step, "fused cached forward of a block");
+  m.def("phase_fields_fwd", &phase_fields_fwd, "phase machinery of an uncached sequence");
+  m.def("phase_fields_bwd", &phase_fields_bwd, "its backward");
+}
