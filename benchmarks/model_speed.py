@@ -2,7 +2,8 @@
 
 Prints one table: training tokens/s (forward + backward + AdamW step) and cached decode tokens/s
 for the full model and the vanilla setting, at the small preset and at nanoGPT's CPU size, plus
-cached against uncached decoding. Medians over interleaved repeats, measured in one run.
+cached against uncached decoding. Interleaved repeats in one run: tok/s are medians, ratios the
+median of per-repeat ratios.
 
     python benchmarks/model_speed.py            # about 6-8 minutes on 2 CPU cores
     python benchmarks/model_speed.py --quick    # a smoke run
@@ -80,17 +81,30 @@ def kernels_per_decode_step(model: ResoLLMModel) -> int:
     return Count.n
 
 
-def median_interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Every function once per repeat, in alternating order (forward, then backward), so a
+    drifting machine speed hits each setting alike; returns the samples per setting."""
     runs: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            runs[k].append(fn())
+    order = list(fns)
+    for i in range(repeats):
+        for k in order if i % 2 == 0 else order[::-1]:
+            runs[k].append(fns[k]())
+    return runs
+
+
+def medians(runs: dict[str, list[float]]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def paired_ratio(runs: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over repeats of a/b measured back to back: steadier than a ratio of medians when
+    the machine's speed drifts between repeats."""
+    return statistics.median(x / y for x, y in zip(runs[a], runs[b]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -100,17 +114,17 @@ def main() -> None:
     if args.quick:
         args.repeats, args.train_steps, args.new_tokens = 1, 2, 64
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} interleaved repeats\n")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} interleaved repeats\n")
 
     rows = []
     for name in args.sizes.split(","):
         factory, batch, seq = SIZES[name]
         torch.manual_seed(0)
         models = {"full": ResoLLMModel(factory()), "vanilla": ResoLLMModel(factory(vanilla=True))}
-        train = median_interleaved(
+        train = interleaved(
             {k: (lambda m=m: train_tokens_per_s(m, batch, seq, args.train_steps)) for k, m in models.items()},
             args.repeats)
-        decode = median_interleaved(
+        decode = interleaved(
             {
                 "full": lambda: decode_tokens_per_s(models["full"], args.new_tokens, True),
                 "vanilla": lambda: decode_tokens_per_s(models["vanilla"], args.new_tokens, True),
@@ -118,22 +132,24 @@ def main() -> None:
             },
             args.repeats)
         kernels = {k: kernels_per_decode_step(m) for k, m in models.items()}
+        ratios = (paired_ratio(train, "full", "vanilla"), paired_ratio(decode, "full", "vanilla"),
+                  paired_ratio(decode, "full", "full_uncached"))
         rows.append((name, models["full"].num_parameters(), models["vanilla"].num_parameters(), batch, seq,
-                     train, decode, kernels))
+                     medians(train), medians(decode), ratios, kernels))
 
     header = (f"{'size':<22}{'params full/vanilla':>22}{'train tok/s full':>18}{'vanilla':>10}{'ratio':>8}"
               f"{'decode tok/s full':>19}{'vanilla':>10}{'ratio':>8}{'uncached':>10}{'cached/uncached':>17}"
               f"{'kernels/token full/vanilla':>28}")
     print(header)
     print("-" * len(header))
-    for name, pf, pv, batch, seq, train, decode, kernels in rows:
+    for name, pf, pv, batch, seq, train, decode, (r_train, r_decode, r_cache), kernels in rows:
         kernel_pair = f"{kernels['full']}/{kernels['vanilla']}"
         print(f"{name:<22}{f'{pf / 1e6:.2f}M/{pv / 1e6:.2f}M':>22}{train['full']:>18.0f}{train['vanilla']:>10.0f}"
-              f"{train['full'] / train['vanilla']:>8.2f}{decode['full']:>19.0f}{decode['vanilla']:>10.0f}"
-              f"{decode['full'] / decode['vanilla']:>8.2f}{decode['full_uncached']:>10.0f}"
-              f"{decode['full'] / decode['full_uncached']:>17.2f}{kernel_pair:>28}")
+              f"{r_train:>8.2f}{decode['full']:>19.0f}{decode['vanilla']:>10.0f}"
+              f"{r_decode:>8.2f}{decode['full_uncached']:>10.0f}{r_cache:>17.2f}{kernel_pair:>28}")
     print(f"\ntraining: batch x sequence per size as in the script; decode: batch 1, 16-token prompt, "
           f"{args.new_tokens} new tokens, greedy")
+    print("tok/s: medians over the repeats; ratios: medians of the per-repeat ratios (measured back to back)")
     print(f"decoding step path: {fused.status()} (core_model/fused.py; RESO_FUSED=0 for the eager path)")
     print("targets: full >= 0.90x vanilla (train and decode); cached >= 5x uncached at 256 new tokens")
 

@@ -15,6 +15,7 @@ Switched off, every head is fully semantic: plain causal attention with RoPE.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn as nn
@@ -66,8 +67,9 @@ class ResonantAttention(nn.Module):
         if self.resonant:
             ladder = config.resonance_lambda0 * PHI ** -torch.arange(H, dtype=torch.float32)
             self.resonance = nn.Parameter(ladder)  # lambda_h
-        # Set by an observer (the attention-foci probe): keep the latest finished queries
-        self.record_query = False
+        # Set by an observer (the attention-foci probe) to its thread's id: keep the latest
+        # finished queries of forwards in that thread (not those of the Lyapunov twin's worker)
+        self.record_query: int | None = None
         self.last_query: torch.Tensor | None = None
 
     def phase_weight(self) -> torch.Tensor:
@@ -133,7 +135,7 @@ class ResonantAttention(nn.Module):
         """SDPA of q (B, H, T, d) over k, v (B, H, T_k, d) and the output projection. With no
         mask it is plain causal: the T queries are the last T of the keys (a cache holds the rest)."""
         B, H, T, d = q.shape
-        if self.record_query:
+        if self.record_query is not None and self.record_query == threading.get_ident():
             self.last_query = q
         T_k, causal = k.shape[2], False
         if attn_mask is None and T > 1:

@@ -39,7 +39,7 @@ class AgencyConfig:
     goal_bias: float = 1.5  # logit bias towards goal tokens, scaled up when progress stalls
     achievement_threshold: float = 0.6
     update_every: int = 8  # decoding steps between goal-progress updates (they steer decoding)
-    foci_every: int = 32  # decoding steps between attention-foci updates (and one at the end)
+    foci_every: int = 64  # decoding steps between attention-foci updates (and one at the end)
 
     def validate(self, prefix: str = "agency") -> None:
         _check(self.max_foci >= 1, f"{prefix}.max_foci", f"must be >= 1, got {self.max_foci}")

@@ -11,9 +11,28 @@ training asks for it. Noise comes from an explicit ``torch.Generator`` so runs a
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+_quiet = threading.local()
+
+
+@contextmanager
+def noise_suppressed() -> Iterator[None]:
+    """No stochastic-resonance noise in this thread's forwards (the Lyapunov twin's catch-ups
+    run beside a main trajectory that may have it on)."""
+    before = getattr(_quiet, "on", False)
+    _quiet.on = True
+    try:
+        yield
+    finally:
+        _quiet.on = before
 
 
 class ResonantFFN(nn.Module):
@@ -28,7 +47,7 @@ class ResonantFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.fc(x)
-        if self.noise_amplitude > 0:
+        if self.noise_amplitude > 0 and not getattr(_quiet, "on", False):
             sigma = u.std(dim=-1, keepdim=True)
             weak = (u.abs() < self.weak_fraction * sigma).to(u.dtype)
             xi = torch.randn(u.shape, generator=self.noise_generator, device=u.device, dtype=u.dtype)

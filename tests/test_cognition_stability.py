@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
 
+from core_model.cognition.lyapunov import LAG
 from core_model.cognition.stability import (
     PredictiveStability, StabilityState, TemperatureController, detect_period, stability_score,
 )
@@ -69,8 +71,9 @@ def test_lyapunov_trace_is_real():
     r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=40, seed=1,
                                                                stop_at_eos=False)
     assert len(r.lyapunov_trace) == r.tokens_generated == 40
-    # the twin catches up after 8, 16 (then 32) more steps; the first measurement is the reference
-    second = 8 + 16
+    # the twin catches up after 8, 16 (then 32) more steps, each read LAG steps after it started;
+    # the first measurement is the reference
+    second = 8 + 16 + LAG
     assert r.lyapunov_trace[:second] == [0.0] * second
     assert r.lyapunov_trace[second] != 0.0 and all(math.isfinite(v) for v in r.lyapunov_trace)
     assert r.lyapunov == r.lyapunov_trace[-1] and 0.0 <= model.get_stability() <= 1.0
@@ -84,6 +87,40 @@ def test_lyapunov_trace_is_real():
     model2 = tiny(stability=StabilityConfig(lyapunov=False))
     r2 = ResoLLMInference(model2, tok, temperature=0.8).generate("Once upon a time", max_length=10, seed=1)
     assert set(r2.lyapunov_trace) == {0.0}
+
+
+def test_twin_on_a_worker_thread_gives_the_same_trace_however_slow(monkeypatch):
+    """A catch-up's distance is read at a fixed step, so the worker's speed changes nothing."""
+    import time
+
+    from core_model.cognition import lyapunov
+
+    tok = create_default_tokenizer()
+
+    def run():
+        model = tiny(stability=StabilityConfig(lyapunov_every=16))
+        r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=48, seed=3,
+                                                                   stop_at_eos=False)
+        return r.token_ids, r.lyapunov_trace, model.get_stability()
+
+    threads = []
+    real_forward = lyapunov.LyapunovTwin._forward
+
+    def slow_forward(self, ids, offsets):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.03)  # far slower than the main trajectory's steps
+        return real_forward(self, ids, offsets)
+
+    fast = run()
+    monkeypatch.setattr(lyapunov.LyapunovTwin, "_forward", slow_forward)
+    slow = run()
+    assert threads and all(t.startswith("reso-lyapunov-twin") for t in threads)
+    monkeypatch.setattr(lyapunov.LyapunovTwin.__init__, "__defaults__", (False,))  # in the calling thread
+    threads.clear()
+    inline = run()
+    assert threads == [threading.current_thread().name] * len(threads) and threads
+    assert fast == slow == inline
+    assert any(v != 0.0 for v in fast[1])
 
 
 def test_benettin_renormalisation_pulls_the_twin_cache():

@@ -1,8 +1,8 @@
 """The cognitive decoding loop: cached decoding with stability, agency, PRSC, memory and SR.
 
 One forward per step, as in ``core_model.generation``: prefill ``model(ids, cache=...)``, then
-``model(next_token, cache=...)``. The Lyapunov twin (``lyapunov.py``) shares the prefill as a
-second batch row and then catches up every ``lyapunov_every`` steps.
+``model(next_token, cache=...)``. The Lyapunov twin (``lyapunov.py``) starts from a copy of the
+prefilled cache and catches up every ``lyapunov_every`` steps.
 
 Attention intensity for the foci is the last layer's attention of the latest query over the
 cached keys (captured with a forward pre-hook on that attention module; computed only at the
@@ -12,6 +12,7 @@ agency update steps).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -67,13 +68,13 @@ class _AttentionProbe:
     def __init__(self, attn) -> None:
         self.attn = attn
         self.q: torch.Tensor | None = None
-        attn.record_query = True
+        attn.record_query = threading.get_ident()
 
     def capture(self) -> None:
         self.q = self.attn.last_query
 
     def remove(self) -> None:
-        self.attn.record_query = False
+        self.attn.record_query = None
         self.attn.last_query = None
 
     @torch.no_grad()
@@ -118,30 +119,28 @@ class CognitiveDecoder:
         halt = cfg.stability.halt_on_instability if halt_on_instability is None else halt_on_instability
         goals = [g for g in session.agency.active_goals()] if agency_on else []
         run_goals = list(goals)  # the foci's relevance uses every goal this generation started with
-        B = 2 if lyap_on else 1
 
         concepts = ConceptInput(model)
         mem = memory_offset(model)
         mem_step = mem.view(1, 1, -1) if mem is not None else None  # the usual step offset
         T0 = len(prompt_ids)
-        ids = torch.tensor([prompt_ids] * B, device=device)
-        offsets = self._offsets(B, concepts.offsets(prompt_ids, 0), mem, T0)
+        ids = torch.tensor([prompt_ids], device=device)
+        offsets = self._offsets(1, concepts.offsets(prompt_ids, 0), mem, T0)
         probe = _AttentionProbe(model.blocks[-1].attn) if agency_on else None
         sr = StochasticResonance(cfg.stochastic_resonance, model.blocks, seed + 1)
         was_training = model.training
         model.eval()
+        twin: LyapunovTwin | None = None
         try:
             tracker = PredictiveStability(cfg.stability, V)
             tracker.start()
-            twin = LyapunovTwin(model, cfg.stability, tracker) if lyap_on else None
-            if twin is not None:
-                offsets = twin.prefill_offsets(offsets, T0, seed)
-            cache = model.new_cache(B, T0 + max_new)
+            twin = LyapunovTwin(model, cfg.stability, tracker, seed) if lyap_on else None
+            cache = model.new_cache(1, T0 + max_new)
             out = model(ids, cache=cache, input_offsets=offsets, last_only=not agency_on)
             if probe is not None:
                 probe.capture()
             if twin is not None:
-                cache = twin.split(cache)
+                twin.fork(cache)
             controller = TemperatureController(cfg.stability, params.temperature)
             if agency_on:
                 logp = out.logits[0].float().log_softmax(-1)  # (T0, V)
@@ -223,12 +222,16 @@ class CognitiveDecoder:
                 if goals:
                     self._update_goals(goals, gen_sum, fed, ref, trace)
                 self._update_foci(probe, cache, context[:-1], pieces, surprisal[:-1], hidden_rows, run_goals, n)
+            if twin is not None:
+                twin.close()  # the last catch-up's distance counts for the session's state
             if stab_on:
                 session.stability = tracker.state
             trace.warnings.extend(tracker.warnings)
             if cache.last_phases is not None:
                 session.phases = cache.last_phases[0].float().cpu().tolist()
         finally:
+            if twin is not None:
+                twin.close(read=False)  # after an error: just stop the worker
             sr.off()
             if probe is not None:
                 probe.remove()

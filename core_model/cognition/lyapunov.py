@@ -1,15 +1,20 @@
 """The perturbed twin trajectory behind the finite-time Lyapunov estimate.
 
-The prompt is run once with batch size 2; row 2 gets ``eps * rms(E) * xi`` (``xi`` standard
-normal, fixed by the seed) added to its input embedding. The cache is then split: the main
-trajectory decodes alone (batch 1, no extra cost per step) and the twin keeps its own cache.
-After ``N`` steps the twin catches up on the ``N`` tokens the main trajectory produced, in one
-forward (about the cost of one decoding step on a CPU: on a small model a catch-up every 8 steps
-costs ~14% of the decoding time), and the relative distance of the two final hidden states at the
-same position feeds ``PredictiveStability``. ``N`` starts at ``min(8, lyapunov_every)`` and
+After the prompt's prefill the twin takes a copy of the main trajectory's cache (a memory copy,
+no second prefill). The main trajectory decodes alone (batch 1, no extra cost per step); every
+``N`` steps the twin catches up on the ``N`` tokens the main trajectory produced, in one cached
+forward, and the relative distance of the two final hidden states at the same position feeds
+``PredictiveStability``. The first catch-up reads its tokens with ``eps * rms(E) * xi`` added to
+their input embeddings (``xi`` standard normal, fixed by the seed): that is the perturbation, and
+the distance it leaves is the reference ``d_0``. ``N`` starts at ``min(8, lyapunov_every)`` and
 doubles after each catch-up up to ``lyapunov_every`` (default 64): the first exponent is known
-after 24 steps, and a long generation pays one catch-up of 64 tokens per 64 (~3% on a small
-model: the twin reads every token once, at prefill speed).
+after 24 steps, and a long generation pays one catch-up of 64 tokens per 64.
+
+A catch-up runs on a worker thread while the main trajectory goes on decoding, and its distance
+is read ``LAG`` steps after it started (or at the end of the generation, or at once when the
+interval is shorter than that): always at the same step, however fast the worker is, so a seed
+still gives the same tokens and the same trace. The worker reads only the twin's own cache and
+a snapshot of the main one; the FFN noise is off in its thread only (``noise_suppressed``).
 
 When ``d`` has grown 10x past its first value, the twin's cache is pulled back towards the main
 one (Benettin renormalisation ``c' <- c + s (c' - c)``, ``s = d_0 / d``; ``ln s`` is accounted
@@ -21,13 +26,45 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
+from ..cache import LayerCache
 from ..config import StabilityConfig
+from ..feedforward import noise_suppressed
 from .stability import PredictiveStability
 
 FIRST_INTERVAL = 8  # steps before the first catch-up; intervals then double up to lyapunov_every
+LAG = 4  # steps between starting a catch-up on the worker thread and reading its distance
+
+
+@dataclass
+class _MainSnapshot:
+    """The main trajectory's cache as it was when a catch-up started (what the twin is compared
+    with and pulled towards): its length and its layers' tensors (k and v are only written
+    further on; the running phase sums are replaced, not modified, at every step)."""
+    length: int
+    layers: list[LayerCache]
+
+
+@dataclass
+class _CatchUp:
+    future: Future
+    due: int  # the step count at which its distance is read
+    steps: int  # tokens it covers
+    noisy: bool  # SR noise was on in the main trajectory during its interval
+    main_hidden: torch.Tensor  # (D,) the main trajectory's final hidden state at the same position
+    main: _MainSnapshot
+
+
+class _Done(Future):
+    """A future already holding its result (a catch-up run in the calling thread)."""
+
+    def __init__(self, value) -> None:
+        super().__init__()
+        self.set_result(value)
 
 
 def _pull(main, twin, scale: float) -> None:
@@ -47,46 +84,64 @@ def _pull(main, twin, scale: float) -> None:
 
 
 class LyapunovTwin:
-    def __init__(self, model, config: StabilityConfig, tracker: PredictiveStability) -> None:
+    def __init__(self, model, config: StabilityConfig, tracker: PredictiveStability, seed: int,
+                 background: bool = True) -> None:
         self.model = model
         self.config = config
         self.tracker = tracker
+        self.seed = seed
         self.cache = None
         self.pending: list[int] = []
         self.offsets: list[torch.Tensor | None] = []
         self.noisy = False
+        self.perturbed = False
         self.log_d0: float | None = None
         self.interval = min(FIRST_INTERVAL, config.lyapunov_every)  # steps until the next catch-up
+        self.steps = 0
+        self.running: _CatchUp | None = None
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="reso-lyapunov-twin") if background else None
 
-    def prefill_offsets(self, offsets: torch.Tensor | None, T: int, seed: int) -> torch.Tensor:
-        """(2, T, D) input offsets: row 1 as given (or zero), row 2 perturbed."""
+    def fork(self, cache) -> None:
+        """Start the twin from a copy of the main trajectory's prefilled (batch 1) cache."""
+        self.cache = cache.select(torch.tensor([0], device=cache.layers[0].k.device))
+
+    def perturbation(self, n: int) -> torch.Tensor:
+        """``eps * rms(E) * xi`` for ``n`` input positions: (1, n, D), fixed by the seed."""
         p = next(self.model.parameters())
-        D = self.model.config.dim
-        gen = torch.Generator(device="cpu").manual_seed(seed + 7919)
-        xi = torch.randn(T, D, generator=gen).to(device=p.device, dtype=p.dtype)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919)
+        xi = torch.randn(n, self.model.config.dim, generator=gen).to(device=p.device, dtype=p.dtype)
         eps = self.config.perturbation * float(self.model.embed.semantic.weight.detach().pow(2).mean().sqrt())
-        base = offsets[:1] if offsets is not None else torch.zeros(1, T, D, device=p.device, dtype=p.dtype)
-        return torch.cat([base, base + eps * xi[None]])
-
-    def split(self, cache):
-        """Keep row 2 of the prefilled cache as the twin; return row 1 for the main trajectory."""
-        device = cache.layers[0].k.device
-        self.cache = cache.select(torch.tensor([1], device=device))
-        return cache.select(torch.tensor([0], device=device))
+        return eps * xi[None]
 
     def step(self, token: int, offset: torch.Tensor | None, main_cache, main_hidden: torch.Tensor, noise: bool) -> None:
         """The main trajectory just read ``token`` (with input ``offset`` (1, 1, D), under SR noise
         or not) and produced ``main_hidden`` (1, T, D): the last row is the state compared; every
-        ``N`` such tokens the twin catches up and a distance is measured."""
+        ``N`` such tokens a catch-up starts, and ``LAG`` steps later its distance is read."""
+        self.steps += 1
+        if self.running is not None and self.steps >= self.running.due:
+            self._finish_catch_up()
         self.pending.append(token)
         self.offsets.append(offset)
         self.noisy |= noise
         if len(self.pending) >= self.interval:
-            self._catch_up(main_cache, main_hidden)
+            if self.running is not None:  # an interval shorter than the lag
+                self._finish_catch_up()
+            self._start_catch_up(main_cache, main_hidden)
             self.interval = min(2 * self.interval, self.config.lyapunov_every)
 
-    @torch.no_grad()
-    def _catch_up(self, main_cache, main_hidden: torch.Tensor) -> None:
+    def close(self, read: bool = True) -> None:
+        """Read the last catch-up's distance (if one is running and ``read``) and stop the
+        worker thread; closing twice is harmless."""
+        try:
+            if self.running is not None and read:
+                self._finish_catch_up()
+        finally:
+            self.running = None
+            if self.worker is not None:
+                self.worker.shutdown(wait=True)
+                self.worker = None
+
+    def _start_catch_up(self, main_cache, main_hidden: torch.Tensor) -> None:
         model = self.model
         device = main_hidden.device
         n = len(self.pending)
@@ -95,28 +150,39 @@ class LyapunovTwin:
         if any(o is not None for o in self.offsets):
             zero = torch.zeros(1, 1, model.config.dim, device=device, dtype=main_hidden.dtype)
             off = torch.cat([o if o is not None else zero for o in self.offsets], dim=1)
-        amplitudes = [b.ffn.noise_amplitude for b in model.blocks]
-        for b in model.blocks:
-            b.ffn.noise_amplitude = 0.0
-        try:
-            h = model(ids, cache=self.cache, input_offsets=off, last_only=True).hidden[0, -1].float()
-        finally:
-            for b, a in zip(model.blocks, amplitudes):
-                b.ffn.noise_amplitude = a
-        h0 = main_hidden[0, -1].float()
+        if not self.perturbed:  # the first catch-up carries the perturbation
+            off = self.perturbation(n) if off is None else off + self.perturbation(n)
+            self.perturbed = True
+        main = _MainSnapshot(main_cache.length, [LayerCache(l.k, l.v, l.phase_sum) for l in main_cache.layers])
+        lag = min(LAG, self.interval - 1)
+        if self.worker is not None and lag > 0:
+            future = self.worker.submit(self._forward, ids, off)
+        else:
+            future = _Done(self._forward(ids, off))
+        self.running = _CatchUp(future, self.steps + lag, n, self.noisy, main_hidden[0, -1].float(), main)
+        self.pending, self.offsets, self.noisy = [], [], False
+        if lag == 0:
+            self._finish_catch_up()
+
+    def _forward(self, ids: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+        """The twin reads ``ids``: its final hidden state (D,). Runs on the worker thread."""
+        with torch.inference_mode(), noise_suppressed():
+            return self.model(ids, cache=self.cache, input_offsets=offsets, last_only=True).hidden[0, -1].float()
+
+    def _finish_catch_up(self) -> None:
+        run, self.running = self.running, None
+        h, h0 = run.future.result(), run.main_hidden
         d = float((h - h0).norm() / h0.norm().clamp(min=1e-12))
         log_d = math.log(max(d, 1e-12)) if math.isfinite(d) else float("nan")
-        if self.noisy:
+        if run.noisy:
             self.tracker.resync(log_d)
-        else:
-            rescale = 0.0
-            if self.log_d0 is None and math.isfinite(log_d):
-                self.log_d0 = log_d
-            elif self.log_d0 is not None and math.isfinite(log_d) and log_d - self.log_d0 > math.log(10.0):
-                s = math.exp(self.log_d0 - log_d)
-                _pull(main_cache, self.cache, s)
-                rescale = math.log(s)
-            self.tracker.observe_distance(log_d, rescale, steps=n)
-        self.pending.clear()
-        self.offsets.clear()
-        self.noisy = False
+            return
+        rescale = 0.0
+        if self.log_d0 is None and math.isfinite(log_d):
+            self.log_d0 = log_d
+        elif self.log_d0 is not None and math.isfinite(log_d) and log_d - self.log_d0 > math.log(10.0):
+            s = math.exp(self.log_d0 - log_d)
+            with torch.inference_mode():
+                _pull(run.main, self.cache, s)
+            rescale = math.log(s)
+        self.tracker.observe_distance(log_d, rescale, steps=run.steps)
