@@ -1,12 +1,15 @@
 """Cost and effect of inference-time cognition, from one run.
 
-1. Cached decode speed (tokens/s, wall clock and per CPU-second of this single-threaded
-   process: the CPU figure is the steadier one on a shared machine) of the seed's small preset (4 x 256, untrained) with
-   ResoLLMInference: every cognition component off, every component on at the defaults (the
-   Lyapunov twin catching up after 8, 16, 32, then every 64 steps, a goal steering, PRSC concepts
+1. Cached decode speed (tokens/s, wall clock and per CPU-second of this process; torch runs
+   one thread, and the Lyapunov twin's catch-ups run on a worker thread beside the decoding, so
+   the wall figure is what a user waits and the CPU figure is the total work) of the seed's
+   small preset (4 x 256, untrained) with ResoLLMInference: every cognition component off, every
+   component on at the defaults (the Lyapunov twin catching up after 8, 16, 32, then every 64
+   steps, a goal steering, PRSC concepts
    occurring in the prompt, memory conditioning, stochastic resonance armed), the same with the
    twin catching up every 8 steps, and on without the twin; plain
-   ``core_model.generation.generate`` as the reference. Runs are interleaved; medians.
+   ``core_model.generation.generate`` as the reference. Runs are interleaved (alternating order);
+   tok/s are medians, "vs off" the median of each repeat's ratio to the all-off run of that repeat.
 2. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
    byte tokenizer, inside this script): share of repeated 4-grams of the generations with SR off
    and on at the same fixed temperature, next to the same statistic of real text, and the mean
@@ -102,14 +105,19 @@ def speed(args) -> list[tuple[str, float, float]]:
     samples = {k: [] for k in runs}
     for f in runs.values():  # warm-up
         f()
-    for _ in range(args.repeats):
-        for k, f in runs.items():  # interleaved
-            samples[k].append(f())
+    order = list(runs)
+    for i in range(args.repeats):
+        for k in order if i % 2 == 0 else order[::-1]:  # interleaved, alternating order
+            samples[k].append(runs[k]())
+
     def med(k: str, i: int) -> float:
         return statistics.median(s[i] for s in samples[k])
 
-    off_wall, off_cpu = med("engine, all cognition off", 0), med("engine, all cognition off", 1)
-    return [(k, med(k, 0), med(k, 0) / off_wall - 1, med(k, 1), med(k, 1) / off_cpu - 1) for k in samples]
+    def vs_off(k: str, i: int) -> float:
+        """Median over repeats of this run's speed / the all-off run's speed of the same repeat."""
+        return statistics.median(a[i] / b[i] for a, b in zip(samples[k], samples["engine, all cognition off"])) - 1
+
+    return [(k, med(k, 0), vs_off(k, 0), med(k, 1), vs_off(k, 1)) for k in samples]
 
 
 def train_tiny(args, tok) -> ResoLLMModel:

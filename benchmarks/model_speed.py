@@ -34,7 +34,7 @@ SIZES: dict[str, tuple[Callable[..., ResoLLMConfig], int, int]] = {
 
 
 def train_tokens_per_s(model: ResoLLMModel, batch: int, seq: int, steps: int) -> float:
-    opt = torch.optim.AdamW(model.optimizer_param_groups(0.1), lr=1e-4)
+    opt = torch.optim.AdamW(model.optimizer_param_groups(0.1), lr=1e-4, foreach=True)  # as the trainer
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=g)
     model.train()

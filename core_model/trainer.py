@@ -1,6 +1,6 @@
 """The training loop (pure torch; Ray Train drives the same :class:`Trainer` on every worker).
 
-- AdamW with no weight decay on norms, biases and phase parameters
+- AdamW (multi-tensor on a CPU, fused on CUDA) with no weight decay on norms, biases and phase parameters
   (:meth:`ResoLLMModel.optimizer_param_groups`).
 - Linear warmup then cosine decay to ``min_lr_ratio * lr``, computed from the real number of
   optimizer steps (``max_steps``, or ``epochs`` x steps per epoch of the packed data).
@@ -225,7 +225,8 @@ class Trainer:
         self.micro_batch = config.batch_size
         steps_per_epoch(len(train_data), config.batch_size * config.grad_accum, world_size)  # enough data?
         self.optimizer = torch.optim.AdamW(model.optimizer_param_groups(config.weight_decay), lr=config.lr,
-                                           betas=tuple(config.betas), fused=self.device.type == "cuda" or None)
+                                           betas=tuple(config.betas), fused=self.device.type == "cuda" or None,
+                                           foreach=self.device.type != "cuda" or None)
         total, warmup, floor = self.total_steps, config.warmup_steps, config.min_lr_ratio
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            lambda s: lr_factor(s, total, warmup, floor))

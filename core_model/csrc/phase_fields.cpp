@@ -51,8 +51,6 @@ struct Rows {
   const float* at(int64_t b, int64_t t) const { return p + b * s0 + t * s1; }
 };
 
-constexpr float kHalfPi = static_cast<float>(M_PI / 2);
-
 }  // namespace
 
 // Returns theta' (B, T, F), gate (B, T, 1), order (B, T, 1), qf (B, H, T, 2F), kf (B, H, T, 2F) and
@@ -86,7 +84,10 @@ std::vector<torch::Tensor> phase_fields_fwd(torch::Tensor theta, OptTensor omega
     auto res = resonance_->contiguous();
     for (int64_t h = 0; h < H; ++h) w[h] = res.data_ptr<float>()[h] * static_cast<float>(w_scale);
   }
-  const float* th = theta.data_ptr<float>();
+  // cos and sin of every phase in two vectorised ATen calls: the scalar libm calls were most of
+  // this kernel's time
+  const auto cos_t = theta.cos(), sin_t = theta.sin();
+  const float *th = theta.data_ptr<float>(), *cos_p = cos_t.data_ptr<float>(), *sin_p = sin_t.data_ptr<float>();
   float *thn = kuramoto ? theta_new.data_ptr<float>() : nullptr, *gp = gated ? gate.data_ptr<float>() : nullptr;
   float *op = field ? order.data_ptr<float>() : nullptr, *zp = field ? z.data_ptr<float>() : nullptr;
   float *qp = resonant ? qf.data_ptr<float>() : nullptr, *kp = resonant ? kf.data_ptr<float>() : nullptr;
@@ -100,8 +101,7 @@ std::vector<torch::Tensor> phase_fields_fwd(torch::Tensor theta, OptTensor omega
         float r = 0.f;
         for (int64_t k = 0; k < F; ++k) {
           const float th_k = th[bt * F + k];
-          // as the eager path: cos(theta - s) for s = 0, pi/2, -pi/2
-          const float c = std::cos(th_k), s = std::cos(th_k - kHalfPi), ms = std::cos(th_k + kHalfPi);
+          const float c = cos_p[bt * F + k], s = sin_p[bt * F + k], ms = -s;
           if (field) {
             S[2 * k] += c;
             S[2 * k + 1] += s;
@@ -112,13 +112,16 @@ std::vector<torch::Tensor> phase_fields_fwd(torch::Tensor theta, OptTensor omega
             if (kuramoto)
               thn[bt * F + k] = th_k + static_cast<float>(dt) * (omega.at(b, t)[k] + K * (zr * ms + zi * c));
           }
-          if (resonant) {
-            for (int64_t h = 0; h < H; ++h) {
-              const int64_t o = ((b * H + h) * T + t) * 2 * F + 2 * k;
-              qp[o] = w[h] * c;
-              qp[o + 1] = w[h] * s;
-              kp[o] = c;
-              kp[o + 1] = s;
+        }
+        if (resonant) {  // contiguous rows of 2F per head: (cos_0, sin_0, cos_1, ...)
+          for (int64_t h = 0; h < H; ++h) {
+            float *q = qp + ((b * H + h) * T + t) * 2 * F, *kr = kp + ((b * H + h) * T + t) * 2 * F;
+            for (int64_t k = 0; k < F; ++k) {
+              const float c = cos_p[bt * F + k], s = sin_p[bt * F + k];
+              q[2 * k] = w[h] * c;
+              q[2 * k + 1] = w[h] * s;
+              kr[2 * k] = c;
+              kr[2 * k + 1] = s;
             }
           }
         }
@@ -177,7 +180,9 @@ std::vector<torch::Tensor> phase_fields_bwd(torch::Tensor theta, torch::Tensor z
     auto res = resonance_->contiguous();
     for (int64_t h = 0; h < H; ++h) w[h] = res.data_ptr<float>()[h] * static_cast<float>(w_scale);
   }
-  const float *th = theta.data_ptr<float>(), *zp = field ? z.data_ptr<float>() : nullptr;
+  const auto cos_t = theta.cos(), sin_t = theta.sin();
+  const float *cos_p = cos_t.data_ptr<float>(), *sin_p = sin_t.data_ptr<float>();
+  const float* zp = field ? z.data_ptr<float>() : nullptr;
   const float *sp = gated ? gate.data_ptr<float>() : nullptr, *rp = field ? order.data_ptr<float>() : nullptr;
   float *gth = g_theta.data_ptr<float>(), *gom = kuramoto ? g_omega.data_ptr<float>() : nullptr;
   float* glg = gated ? g_logit.data_ptr<float>() : nullptr;
@@ -185,12 +190,28 @@ std::vector<torch::Tensor> phase_fields_bwd(torch::Tensor theta, torch::Tensor z
   // per-row partial sums of the scalar gradients, reduced in order afterwards (deterministic)
   std::vector<double> sum_K(B, 0.0), sum_a(B, 0.0), sum_res(B * std::max<int64_t>(H, 1), 0.0);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> acc(2 * F);
+    std::vector<float> acc(2 * F), gfeat(2 * F);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t bt = b * T + t;
         const float n = static_cast<float>(t + 1);
+        if (resonant) {  // the features' gradient with respect to u, over the heads' contiguous rows
+          std::fill(gfeat.begin(), gfeat.end(), 0.f);
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t o = ((b * H + h) * T + t) * 2 * F;
+            if (G_qf) {
+              double dot = 0.0;
+              for (int64_t j = 0; j < 2 * F; ++j) {
+                gfeat[j] += w[h] * G_qf[o + j];
+                dot += static_cast<double>(G_qf[o + j]) * (j % 2 ? sin_p[bt * F + j / 2] : cos_p[bt * F + j / 2]);
+              }
+              sum_res[b * H + h] += dot;
+            }
+            if (G_kf)
+              for (int64_t j = 0; j < 2 * F; ++j) gfeat[j] += G_kf[o + j];
+          }
+        }
         float g_r = G_r ? G_r[bt] : 0.f;
         if (gated) {
           const float s = sp[bt], gs = G_gate ? G_gate[bt] * s * (1.f - s) : 0.f;
@@ -199,8 +220,7 @@ std::vector<torch::Tensor> phase_fields_bwd(torch::Tensor theta, torch::Tensor z
           sum_a[b] += static_cast<double>(gs) * (rp[bt] - tau);
         }
         for (int64_t k = 0; k < F; ++k) {
-          const float th_k = th[bt * F + k];
-          const float c = std::cos(th_k), s = std::cos(th_k - kHalfPi);
+          const float c = cos_p[bt * F + k], s = sin_p[bt * F + k];
           float g = 0.f, gzr = 0.f, gzi = 0.f;
           if (field) {
             const float zr = zp[bt * F * 2 + 2 * k], zi = zp[bt * F * 2 + 2 * k + 1];
@@ -223,18 +243,8 @@ std::vector<torch::Tensor> phase_fields_bwd(torch::Tensor theta, torch::Tensor z
           }
           float gc = field ? acc[2 * k] : 0.f, gsn = field ? acc[2 * k + 1] : 0.f;
           if (resonant) {
-            for (int64_t h = 0; h < H; ++h) {
-              const int64_t o = ((b * H + h) * T + t) * 2 * F + 2 * k;
-              if (G_qf) {
-                gc += w[h] * G_qf[o];
-                gsn += w[h] * G_qf[o + 1];
-                sum_res[b * H + h] += static_cast<double>(G_qf[o]) * c + static_cast<double>(G_qf[o + 1]) * s;
-              }
-              if (G_kf) {
-                gc += G_kf[o];
-                gsn += G_kf[o + 1];
-              }
-            }
+            gc += gfeat[2 * k];
+            gsn += gfeat[2 * k + 1];
           }
           gth[bt * F + k] = g - s * gc + c * gsn;  // du/dtheta = u_perp = (-sin, cos)
         }
