@@ -13,13 +13,15 @@ the eager path.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .fused import phase_kernel
 
 
 class PhaseFields(torch.autograd.Function):
     """``(theta, omega, logit, K, a, resonance) -> (theta', gate, order, qf, kf)``; a part that is
-    switched off takes None and gives an empty tensor."""
+    switched off takes None and gives an empty tensor. First derivatives only (double backward,
+    e.g. a gradient penalty, needs the eager path: ``RESO_FUSED=0``)."""
 
     @staticmethod
     def forward(ctx, theta, omega, logit, K, a, resonance, consts):  # noqa: D102
@@ -33,6 +35,7 @@ class PhaseFields(torch.autograd.Function):
         return theta_new, gate, order, qf, kf
 
     @staticmethod
+    @once_differentiable  # the backward is compiled: no second derivative (an error, not a silent zero)
     def backward(ctx, g_theta, g_gate, g_order, g_qf, g_kf):  # noqa: D102
         theta, z, gate, order, K, a, resonance = ctx.saved_tensors
         tau, dt, w_scale, H, _ = ctx.consts

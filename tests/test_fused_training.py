@@ -115,3 +115,12 @@ def test_kernel_refuses_what_it_cannot_read(kernel):
         call(th=theta.double())
     with pytest.raises(RuntimeError, match="non-empty"):
         call(th=torch.zeros(B, 0, F))
+
+
+def test_second_derivatives_are_refused_not_silently_zero(kernel):
+    m = model()
+    ids = torch.randint(0, 263, (2, 9), generator=torch.Generator().manual_seed(3))
+    loss = m(ids[:, :-1], ids[:, 1:]).loss
+    (g,) = torch.autograd.grad(loss, [m.blocks[0].kuramoto.coupling], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+        g.backward()
