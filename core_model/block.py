@@ -68,13 +68,13 @@ class ResoFormerBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, BlockTrace]:
         """x (B, T, D); theta (B, T, F) or None; counts (B, T, 1, 1): the n of each prefix mean field."""
         if (cache is not None and valid is None and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and cache.k.is_contiguous()
+                and not torch.is_grad_enabled() and cache.k.is_contiguous() and not torch.is_autocast_enabled("cpu")
                 and (kernel := phase_kernel()) is not None):
             return self._decode_step(kernel, x, theta, rope, attn_mask, counts, external, cache, cache_start)
         proj = self.in_proj(self.ln_attn(x))
         qkv, omega, gate_logit = proj.split(self.in_widths, dim=-1)
         if (cache is None and valid is None and external is None and theta is not None
-                and (self.needs_field or self.attn.resonant) and x.dtype == theta.dtype == torch.float32
+                and (self.needs_field or self.attn.resonant) and x.dtype == theta.dtype == qkv.dtype == torch.float32
                 and x.device.type == "cpu" and phase_kernel() is not None):
             return self._sequence_step(x, theta, qkv, omega, gate_logit, rope, attn_mask)
         u = u_perp = z = order = None

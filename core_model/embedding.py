@@ -64,7 +64,8 @@ class PrimeTokenEmbedding(nn.Module):
 
     def _blend(self, e: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         feats = torch.cos(theta.unsqueeze(-2) - self.cos_sin_shift).flatten(-2)  # (..., 2F): [cos, sin]
-        return torch.lerp(e, self.phase_proj(feats), torch.sigmoid(self.blend_logit))  # (1-a) E + a P
+        p = self.phase_proj(feats)  # bf16 under autocast, while the embedding lookup stays float32
+        return torch.lerp(e, p if p.dtype == e.dtype else p.to(e.dtype), torch.sigmoid(self.blend_logit))  # (1-a) E + a P
 
     def fused_table(self) -> torch.Tensor:
         """``(1 - a) E + a P(cos, sin of theta)`` for every token (V, D), kept while gradients are
