@@ -7,12 +7,13 @@ writing k and v into the cache, and for the resonant parts the phasors, the Kura
 and step, the gate and the attention phase features). ``csrc/phase_step.cpp`` does all of it in
 one call, for the full model and the vanilla setting alike; blocks use it for every forward with
 a cache, without padding and without gradients on float32 CPU tensors (decoding steps,
-prefills of unpadded prompts, the Lyapunov twin's catch-ups), and the eager code everywhere
-else (uncached forwards, padded batches, other devices and dtypes). Both paths compute the same
-equations (tests compare them to 1e-5). ``csrc/phase_fields.cpp`` (same module) does the same for
-training: the phasors, mean field, order parameter, gate, Kuramoto step and attention phase
-features of a whole sequence, forward and backward, two calls per block instead of about a hundred
-small kernels (see ``core_model/phase_fields.py``).
+prefills of unpadded prompts, the Lyapunov twin's catch-ups). ``csrc/phase_fields.cpp`` (same
+module) serves forwards without a cache, padding or external field (training, uncached
+forwards): the phasors, mean field, order parameter, gate, Kuramoto step and attention phase
+features of a whole sequence, forward and backward, in two calls per block instead of about
+fifty small kernels (see ``core_model/phase_fields.py``). Everything else (padded batches,
+external fields in training, other devices and dtypes, autocast) runs the eager code. Both
+paths compute the same equations (tests compare values to 1e-5, gradients to 1e-4).
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
 ninja; about 30 s, once per machine: the build is cached under ``TORCH_EXTENSIONS_DIR`` or

@@ -4,7 +4,9 @@ and attention.py, which remain the reference and the fallback).
 
 In a training step at nanoGPT's CPU size the eager phase machinery (phasors, prefix mean field,
 order parameter, gate, Kuramoto step, attention phase features and their backward) is about
-four hundred small kernels, each too small to hide its dispatch cost; here it is two per block.
+fifty small kernels per block (a step of the full model dispatched 880 ATen operators against
+471 for the vanilla one; 683 with this), each too small to hide its dispatch cost; here it is
+two calls per block.
 Blocks use it for float32 CPU forwards without a cache, padding or external field when the
 compiled kernel is available (``core_model.fused``); tests compare values and gradients with
 the eager path.

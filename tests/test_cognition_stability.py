@@ -12,8 +12,9 @@ from core_model.cognition.lyapunov import LAG
 from core_model.cognition.stability import (
     PredictiveStability, StabilityState, TemperatureController, detect_period, stability_score,
 )
-from core_model.config import StabilityConfig
+from core_model.config import ResoLLMConfig, StabilityConfig
 from core_model.inference import ResoLLMInference
+from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
 from model_helpers import one_torch_thread, tiny  # noqa: F401  (fixture)
 
@@ -123,20 +124,37 @@ def test_twin_on_a_worker_thread_gives_the_same_trace_however_slow(monkeypatch):
     assert any(v != 0.0 for v in fast[1])
 
 
+def test_a_catch_up_still_running_at_the_end_updates_the_final_exponent():
+    tok = create_default_tokenizer()
+    model = tiny(stability=StabilityConfig(lyapunov_every=16))
+    # catch-ups after 8 and 24 steps; the second is read when the 26-step generation ends
+    r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=26, seed=2,
+                                                               stop_at_eos=False)
+    assert r.tokens_generated == 26
+    assert set(r.lyapunov_trace) == {0.0}  # no exponent during the steps (one reference distance only)
+    assert r.lyapunov != 0.0 and len(model.session.stability.local_exponents) == 1
+
+
 def test_benettin_renormalisation_pulls_the_twin_cache():
     from core_model.cognition.lyapunov import _pull
 
-    model = tiny()
+    torch.manual_seed(0)
+    # more oscillators (16) than filled positions (4): the running phase sums are pulled whole
+    model = ResoLLMModel(ResoLLMConfig(dim=256, num_layers=2, num_heads=4, num_phases=16, max_seq_len=64)).eval()
     a, b = model.new_cache(1, 16), model.new_cache(1, 16)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3, 4]]), cache=a)
         model(torch.tensor([[1, 2, 3, 9]]), cache=b)
-    k_a, k_b = a.layers[-1].k[:, :, :4].clone(), b.layers[-1].k[:, :, :4].clone()
+    k_a, k_b = a.layers[0].k[:, :, :4].clone(), b.layers[0].k[:, :, :4].clone()
+    s_a, s_b = a.layers[0].phase_sum.clone(), b.layers[0].phase_sum.clone()
+    assert s_a.shape[2] == 16 and not torch.allclose(s_a, s_b)
     _pull(a, b, 0.25)
-    assert torch.allclose(b.layers[-1].k[:, :, :4], k_a + 0.25 * (k_b - k_a), atol=1e-6)
+    assert torch.allclose(b.layers[0].k[:, :, :4], k_a + 0.25 * (k_b - k_a), atol=1e-6)
+    assert torch.allclose(b.layers[0].phase_sum, s_a + 0.25 * (s_b - s_a), atol=1e-6)
     _pull(a, b, 0.0)
     for la, lb in zip(a.layers, b.layers):
         assert torch.allclose(la.k[:, :, :4], lb.k[:, :, :4]) and torch.allclose(la.v[:, :, :4], lb.v[:, :, :4])
+        assert torch.allclose(la.phase_sum, lb.phase_sum)
 
 
 def test_growing_divergence_is_chaotic_and_predicted_first():

@@ -5,8 +5,8 @@ One forward per step, as in ``core_model.generation``: prefill ``model(ids, cach
 prefilled cache and catches up every ``lyapunov_every`` steps.
 
 Attention intensity for the foci is the last layer's attention of the latest query over the
-cached keys (captured with a forward pre-hook on that attention module; computed only at the
-agency update steps).
+cached keys (the query recorded by that attention module, see ``_AttentionProbe``; computed only
+at the foci updates).
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ def _entropy(z: np.ndarray) -> float:
 class _AttentionProbe:
     """Holds the last attention module's most recent query of the main trajectory.
 
-    The module records its finished queries (phase features included) while a probe is attached,
-    on the eager and the fused decoding path alike; ``capture`` takes the latest one right after
-    a main-trajectory forward, before the Lyapunov twin's catch-up can run the module again.
+    While a probe is attached the module records the finished queries (phase features included)
+    of forwards run in the probe's thread, on the eager and the fused decoding path alike (the
+    Lyapunov twin's catch-ups run on a worker thread and are not recorded); ``capture`` takes the
+    latest one right after a main-trajectory forward.
     """
 
     def __init__(self, attn) -> None:
@@ -223,7 +224,10 @@ class CognitiveDecoder:
                     self._update_goals(goals, gen_sum, fed, ref, trace)
                 self._update_foci(probe, cache, context[:-1], pieces, surprisal[:-1], hidden_rows, run_goals, n)
             if twin is not None:
-                twin.close()  # the last catch-up's distance counts for the session's state
+                # the worker must finish before the model is free again; its distance, read after
+                # the last step, updates the final exponent (not the per-step trace)
+                twin.close()
+                tracker.refresh()
             if stab_on:
                 session.stability = tracker.state
             trace.warnings.extend(tracker.warnings)

@@ -8,13 +8,15 @@ forward, and the relative distance of the two final hidden states at the same po
 their input embeddings (``xi`` standard normal, fixed by the seed): that is the perturbation, and
 the distance it leaves is the reference ``d_0``. ``N`` starts at ``min(8, lyapunov_every)`` and
 doubles after each catch-up up to ``lyapunov_every`` (default 64): the first exponent is known
-after 24 steps, and a long generation pays one catch-up of 64 tokens per 64.
+after 8 + 16 + ``LAG`` = 28 steps, and a long generation pays one catch-up of 64 tokens per 64.
 
 A catch-up runs on a worker thread while the main trajectory goes on decoding, and its distance
-is read ``LAG`` steps after it started (or at the end of the generation, or at once when the
-interval is shorter than that): always at the same step, however fast the worker is, so a seed
-still gives the same tokens and the same trace. The worker reads only the twin's own cache and
-a snapshot of the main one; the FFN noise is off in its thread only (``noise_suppressed``).
+is read ``min(LAG, N - 1)`` steps after it started (at once when ``N`` is 1), or when the
+generation ends: always at the same step, however fast the worker is (the main trajectory waits
+there if the worker is slower), so a seed still gives the same tokens and the same trace. The
+worker reads and writes only the twin's own cache, and its FFN noise is off in its thread only
+(``noise_suppressed``); the main trajectory is not touched by it. Its Python still competes with
+the main trajectory's for the interpreter lock.
 
 When ``d`` has grown 10x past its first value, the twin's cache is pulled back towards the main
 one (Benettin renormalisation ``c' <- c + s (c' - c)``, ``s = d_0 / d``; ``ln s`` is accounted
@@ -67,8 +69,12 @@ class _Done(Future):
         self.set_result(value)
 
 
+SEQUENCE_FIELDS = ("k", "v")  # LayerCache fields laid out (B, H, T_max, d): only the filled part is pulled
+
+
 def _pull(main, twin, scale: float) -> None:
-    """``twin <- main + scale (twin - main)`` for every floating tensor of every cached layer."""
+    """``twin <- main + scale (twin - main)`` for every floating tensor of every cached layer
+    (k and v over the ``main.length`` filled positions, the running phase sums whole)."""
     L = main.length
     for lm, lt in zip(main.layers, twin.layers):
         for f in dataclasses.fields(lt):
@@ -77,7 +83,7 @@ def _pull(main, twin, scale: float) -> None:
             for x, y in pairs:
                 if not isinstance(y, torch.Tensor) or not (y.is_floating_point() or y.is_complex()):
                     continue
-                if y.dim() == 4:  # (B, H, T_max, d): only the filled part
+                if f.name in SEQUENCE_FIELDS:
                     y[:, :, :L] = x[:, :, :L] + scale * (y[:, :, :L] - x[:, :, :L])
                 else:
                     y.copy_(x + scale * (y - x))

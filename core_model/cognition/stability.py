@@ -150,6 +150,13 @@ class PredictiveStability:
             self.positions.append(self._position)
         self._log_d = log_distance + rescale_log
 
+    def refresh(self) -> StabilityState:
+        """Recompute the exponent estimate from the distances observed so far (after the last
+        step: the Lyapunov twin's final catch-up); the label stays that of the last step."""
+        self.state.lyapunov = self._estimate()
+        self.state.local_exponents = list(self.exponents)
+        return self.state
+
     def resync(self, log_distance: float | None) -> None:
         """Forget the reference distance (after noise was injected into the trajectory)."""
         self._log_d = log_distance
