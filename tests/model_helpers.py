@@ -24,3 +24,19 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def phase_model(seed: int = 0, max_seq_len: int = 96, **kw) -> ResoLLMModel:
+    """3 layers x 64 dims, 4 phases, vocab 263 (train mode), with the learned Kuramoto coupling and
+    gate weight moved off their initial values so that both show in every comparison."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=263, dim=64, num_layers=3, num_heads=4, num_phases=4, max_seq_len=max_seq_len)
+    cfg.update(kw)
+    m = ResoLLMModel(ResoLLMConfig(**cfg))
+    with torch.no_grad():
+        for b in m.blocks:
+            if b.kuramoto is not None:
+                b.kuramoto.coupling.fill_(1.7)
+            if b.gate is not None:
+                b.gate.order_weight.fill_(2.3)
+    return m

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import core_model.block
-from core_model.config import ResoLLMConfig
 from core_model.fused import phase_kernel, status
 from core_model.model import ResoLLMModel
+from model_helpers import phase_model
 
 SWITCHES = ("prime_embedding", "kuramoto", "resonant_attention", "coherence_gating")
 
@@ -22,17 +22,7 @@ def kernel():
 
 
 def model(seed: int = 0, **kw) -> ResoLLMModel:
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=263, dim=64, num_layers=3, num_heads=4, num_phases=4, max_seq_len=96)
-    cfg.update(kw)
-    m = ResoLLMModel(ResoLLMConfig(**cfg)).eval()
-    with torch.no_grad():  # move the learned scalars off their initial values
-        for b in m.blocks:
-            if b.kuramoto is not None:
-                b.kuramoto.coupling.fill_(1.7)
-            if b.gate is not None:
-                b.gate.order_weight.fill_(2.3)
-    return m
+    return phase_model(seed, **kw).eval()
 
 
 def decode(m: ResoLLMModel, prompt: torch.Tensor, steps: int, mask=None, external=None):

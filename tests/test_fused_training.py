@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import core_model.block
-from core_model.config import ResoLLMConfig
 from core_model.fused import phase_kernel, status
 from core_model.model import ResoLLMModel
 from core_model.phase_fields import phase_fields
+from model_helpers import phase_model
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +22,7 @@ def kernel():
 
 
 def model(**kw) -> ResoLLMModel:
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=263, dim=64, num_layers=3, num_heads=4, num_phases=4, max_seq_len=64)
-    cfg.update(kw)
-    m = ResoLLMModel(ResoLLMConfig(**cfg))
-    with torch.no_grad():  # move the learned scalars off their initial values
-        for b in m.blocks:
-            if b.kuramoto is not None:
-                b.kuramoto.coupling.fill_(1.7)
-            if b.gate is not None:
-                b.gate.order_weight.fill_(2.3)
-    return m
+    return phase_model(max_seq_len=64, **kw)
 
 
 def loss_and_grads(m: ResoLLMModel, ids: torch.Tensor):

@@ -51,6 +51,15 @@ struct Rows {
   const float* at(int64_t b, int64_t t) const { return p + b * s0 + t * s1; }
 };
 
+// w_h = resonance_h * w_scale for every head (empty when resonant attention is off)
+std::vector<float> head_weights(const OptTensor& resonance, int64_t H, double w_scale) {
+  std::vector<float> w;
+  if (!resonance.has_value()) return w;
+  const auto res = resonance->contiguous();
+  for (int64_t h = 0; h < H; ++h) w.push_back(res.data_ptr<float>()[h] * static_cast<float>(w_scale));
+  return w;
+}
+
 }  // namespace
 
 // Returns theta' (B, T, F), gate (B, T, 1), order (B, T, 1), qf (B, H, T, 2F), kf (B, H, T, 2F) and
@@ -79,11 +88,7 @@ std::vector<torch::Tensor> phase_fields_fwd(torch::Tensor theta, OptTensor omega
   auto qf = resonant ? torch::empty({B, H, T, 2 * F}, opts) : none;
   auto kf = resonant ? torch::empty({B, H, T, 2 * F}, opts) : none;
   const float K = kuramoto ? K_->item<float>() : 0.f, a = gated ? a_->item<float>() : 0.f;
-  std::vector<float> w(resonant ? H : 0);
-  if (resonant) {
-    auto res = resonance_->contiguous();
-    for (int64_t h = 0; h < H; ++h) w[h] = res.data_ptr<float>()[h] * static_cast<float>(w_scale);
-  }
+  const std::vector<float> w = head_weights(resonance_, H, w_scale);
   // cos and sin of every phase in two vectorised ATen calls: the scalar libm calls were most of
   // this kernel's time
   const auto cos_t = theta.cos(), sin_t = theta.sin();
@@ -150,36 +155,26 @@ std::vector<torch::Tensor> phase_fields_bwd(torch::Tensor theta, torch::Tensor z
   const bool field = z.numel() > 0, gated = gate.numel() > 0, resonant = resonance_.has_value();
   TORCH_CHECK(!field || (z.numel() == B * T * F * 2 && order.numel() == B * T), "phase_fields_bwd: saved fields");
   TORCH_CHECK(!gated || gate.numel() == B * T, "phase_fields_bwd: saved gate");
-  auto get = [&](const OptTensor& t, int64_t numel, const char* what) -> const float* {
+  // an upstream gradient's data (nullptr when absent), its contiguous copy kept alive in `keep`
+  std::vector<torch::Tensor> keep;
+  auto read = [&](const OptTensor& t, int64_t numel, const char* what) -> const float* {
     if (!t.has_value()) return nullptr;
     TORCH_CHECK(t->numel() == numel, "phase_fields_bwd: gradient of ", what, " has the wrong size");
-    return t->contiguous().data_ptr<float>();
-  };
-  // keep the contiguous copies alive while their pointers are read
-  std::vector<torch::Tensor> keep;
-  auto contig = [&](const OptTensor& t) -> OptTensor {
-    if (!t.has_value()) return t;
     keep.push_back(t->contiguous());
-    return keep.back();
+    return keep.back().data_ptr<float>();
   };
-  const OptTensor g_theta_c = contig(g_theta_), g_gate_c = contig(g_gate_), g_order_c = contig(g_order_);
-  const OptTensor g_qf_c = contig(g_qf_), g_kf_c = contig(g_kf_);
-  const float* G_th = kuramoto ? get(g_theta_c, B * T * F, "theta'") : nullptr;
-  const float* G_gate = gated ? get(g_gate_c, B * T, "gate") : nullptr;
-  const float* G_r = field ? get(g_order_c, B * T, "order") : nullptr;
-  const float* G_qf = resonant ? get(g_qf_c, B * H * T * 2 * F, "qf") : nullptr;
-  const float* G_kf = resonant ? get(g_kf_c, B * H * T * 2 * F, "kf") : nullptr;
+  const float* G_th = kuramoto ? read(g_theta_, B * T * F, "theta'") : nullptr;
+  const float* G_gate = gated ? read(g_gate_, B * T, "gate") : nullptr;
+  const float* G_r = field ? read(g_order_, B * T, "order") : nullptr;
+  const float* G_qf = resonant ? read(g_qf_, B * H * T * 2 * F, "qf") : nullptr;
+  const float* G_kf = resonant ? read(g_kf_, B * H * T * 2 * F, "kf") : nullptr;
   auto opts = theta.options();
   auto none = torch::empty({0}, opts);
   auto g_theta = torch::empty({B, T, F}, opts);
   auto g_omega = kuramoto ? torch::empty({B, T, F}, opts) : none;
   auto g_logit = gated ? torch::empty({B, T, 1}, opts) : none;
   const float K = kuramoto ? K_->item<float>() : 0.f, a = gated ? a_->item<float>() : 0.f;
-  std::vector<float> w(resonant ? H : 0);
-  if (resonant) {
-    auto res = resonance_->contiguous();
-    for (int64_t h = 0; h < H; ++h) w[h] = res.data_ptr<float>()[h] * static_cast<float>(w_scale);
-  }
+  const std::vector<float> w = head_weights(resonance_, H, w_scale);
   const auto cos_t = theta.cos(), sin_t = theta.sin();
   const float *cos_p = cos_t.data_ptr<float>(), *sin_p = sin_t.data_ptr<float>();
   const float* zp = field ? z.data_ptr<float>() : nullptr;
