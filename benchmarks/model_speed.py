@@ -2,8 +2,12 @@
 
 Prints one table: training tokens/s (forward + backward + AdamW step) and cached decode tokens/s
 for the full model and the vanilla setting, at the small preset and at nanoGPT's CPU size, plus
-cached against uncached decoding. Interleaved repeats in one run: tok/s are medians, ratios the
-median of per-repeat ratios.
+cached against uncached decoding, all measured in one run. The settings compared take turns at
+a fine grain, so the drift of a shared machine's speed (20-30% over minutes here) hits them
+alike: training steps alternate one by one, and decoding runs advance each setting's generation
+(``generate_stream``) ``--chunk`` tokens at a time in rotating order. tok/s come from the median
+step or generation time; a ratio is the median over the pairs of steps (training) or over the
+runs (decoding) of the ratio measured back to back.
 
     python benchmarks/model_speed.py            # about 6-8 minutes on 2 CPU cores
     python benchmarks/model_speed.py --quick    # a smoke run
@@ -12,9 +16,10 @@ median of per-repeat ratios.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -33,7 +38,8 @@ SIZES: dict[str, tuple[Callable[..., ResoLLMConfig], int, int]] = {
 }
 
 
-def train_tokens_per_s(model: ResoLLMModel, batch: int, seq: int, steps: int) -> float:
+def train_step(model: ResoLLMModel, batch: int, seq: int) -> Callable[[], None]:
+    """One training step (forward, backward, AdamW as the trainer runs it) on a fixed batch."""
     opt = torch.optim.AdamW(model.optimizer_param_groups(0.1), lr=1e-4, foreach=True)  # as the trainer
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=g)
@@ -45,20 +51,50 @@ def train_tokens_per_s(model: ResoLLMModel, batch: int, seq: int, steps: int) ->
         loss.backward()
         opt.step()
 
-    step()  # warm-up
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch * seq / (time.perf_counter() - t)
+    return step
 
 
-def decode_tokens_per_s(model: ResoLLMModel, new_tokens: int, use_cache: bool) -> float:
-    model.eval()
-    prompt = list(range(1, 17))
-    model.generate([prompt], max_new_tokens=4, temperature=0.0, use_cache=use_cache)  # warm-up
-    t = time.perf_counter()
-    out = model.generate([prompt], max_new_tokens=new_tokens, temperature=0.0, use_cache=use_cache)
-    return len(out[0]) / (time.perf_counter() - t)
+def paired_steps(steps: dict[str, Callable[[], None]], pairs: int) -> dict[str, list[float]]:
+    """Seconds per step of each setting, the settings taking turns step by step (the order
+    alternating), so each pair of steps is measured back to back (~0.1 s apart)."""
+    for f in steps.values():  # warm-up
+        f()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    order = list(steps)
+    for i in range(pairs):
+        for k in order if i % 2 == 0 else order[::-1]:
+            t = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def decode_streams(streams: dict[str, Callable[[], Iterator]], chunk: int, runs: int) -> dict[str, list[float]]:
+    """Seconds per whole generation of each setting: in every run the settings' generations
+    advance ``chunk`` tokens at a time in turn (rotating order), each chunk timed on its own, so
+    the settings of one run are measured over the same stretch of the machine's time."""
+    totals: dict[str, list[float]] = {k: [] for k in streams}
+    names = list(streams)
+    for r in range(runs + 1):  # run 0 is a warm-up
+        live = {k: streams[k]() for k in names}
+        spent = dict.fromkeys(names, 0.0)
+        turn = 0
+        while live:
+            rot = turn % len(names)
+            for k in names[rot:] + names[:rot]:
+                it = live.get(k)
+                if it is None:
+                    continue
+                t = time.perf_counter()
+                done = next(itertools.islice(it, chunk - 1, None), None) is None
+                spent[k] += time.perf_counter() - t
+                if done:
+                    del live[k]
+            turn += 1
+        if r > 0:
+            for k in names:
+                totals[k].append(spent[k])
+    return totals
 
 
 def kernels_per_decode_step(model: ResoLLMModel) -> int:
@@ -81,61 +117,50 @@ def kernels_per_decode_step(model: ResoLLMModel) -> int:
     return Count.n
 
 
-def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Every function once per repeat, in alternating order (forward, then backward), so a
-    drifting machine speed hits each setting alike; returns the samples per setting."""
-    runs: dict[str, list[float]] = {k: [] for k in fns}
-    order = list(fns)
-    for i in range(repeats):
-        for k in order if i % 2 == 0 else order[::-1]:
-            runs[k].append(fns[k]())
-    return runs
-
-
-def medians(runs: dict[str, list[float]]) -> dict[str, float]:
-    return {k: statistics.median(v) for k, v in runs.items()}
-
-
-def paired_ratio(runs: dict[str, list[float]], a: str, b: str) -> float:
-    """Median over repeats of a/b measured back to back: steadier than a ratio of medians when
-    the machine's speed drifts between repeats."""
-    return statistics.median(x / y for x, y in zip(runs[a], runs[b]))
+def paired_ratio(times: dict[str, list[float]], fast: str, slow: str) -> float:
+    """Median over pairs of slow/fast seconds, i.e. of the speed of ``fast`` relative to ``slow``
+    measured back to back: steady when the machine's speed drifts, and a burst of noise moves
+    the median by one sample at most."""
+    return statistics.median(y / x for x, y in zip(times[fast], times[slow]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--train-steps", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=48, help="training steps per setting, taken in turns")
+    ap.add_argument("--runs", type=int, default=5, help="decoding runs, each setting generating in turns")
+    ap.add_argument("--chunk", type=int, default=16, help="tokens a generation advances per turn")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of: {', '.join(SIZES)}")
-    ap.add_argument("--quick", action="store_true", help="1 repeat, few steps, 64 new tokens")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few pairs, 1 run, 64 new tokens")
     args = ap.parse_args()
     if args.quick:
-        args.repeats, args.train_steps, args.new_tokens = 1, 2, 64
+        args.pairs, args.runs, args.new_tokens = 4, 1, 64
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.repeats} interleaved repeats\n")
+    print(f"torch {torch.__version__}, {args.threads} threads; training: {args.pairs} steps per setting taken in "
+          f"turns; decoding: {args.runs} runs, generations advancing {args.chunk} tokens per turn\n")
+    prompt = list(range(1, 17))
 
     rows = []
     for name in args.sizes.split(","):
         factory, batch, seq = SIZES[name]
         torch.manual_seed(0)
         models = {"full": ResoLLMModel(factory()), "vanilla": ResoLLMModel(factory(vanilla=True))}
-        train = interleaved(
-            {k: (lambda m=m: train_tokens_per_s(m, batch, seq, args.train_steps)) for k, m in models.items()},
-            args.repeats)
-        decode = interleaved(
-            {
-                "full": lambda: decode_tokens_per_s(models["full"], args.new_tokens, True),
-                "vanilla": lambda: decode_tokens_per_s(models["vanilla"], args.new_tokens, True),
-                "full_uncached": lambda: decode_tokens_per_s(models["full"], args.new_tokens, False),
-            },
-            args.repeats)
+        train = paired_steps({k: train_step(m, batch, seq) for k, m in models.items()}, args.pairs)
+
+        def stream(m: ResoLLMModel, cached: bool) -> Callable[[], Iterator]:
+            return lambda: m.generate_stream([prompt], max_new_tokens=args.new_tokens, temperature=0.0,
+                                             use_cache=cached)
+
+        decode = decode_streams({"full": stream(models["full"], True), "vanilla": stream(models["vanilla"], True),
+                                 "full_uncached": stream(models["full"], False)}, args.chunk, args.runs)
         kernels = {k: kernels_per_decode_step(m) for k, m in models.items()}
         ratios = (paired_ratio(train, "full", "vanilla"), paired_ratio(decode, "full", "vanilla"),
                   paired_ratio(decode, "full", "full_uncached"))
+        train_tps = {k: batch * seq / statistics.median(v) for k, v in train.items()}
+        decode_tps = {k: args.new_tokens / statistics.median(v) for k, v in decode.items()}
         rows.append((name, models["full"].num_parameters(), models["vanilla"].num_parameters(), batch, seq,
-                     medians(train), medians(decode), ratios, kernels))
+                     train_tps, decode_tps, ratios, kernels))
 
     header = (f"{'size':<22}{'params full/vanilla':>22}{'train tok/s full':>18}{'vanilla':>10}{'ratio':>8}"
               f"{'decode tok/s full':>19}{'vanilla':>10}{'ratio':>8}{'uncached':>10}{'cached/uncached':>17}"
@@ -149,7 +174,8 @@ def main() -> None:
               f"{r_decode:>8.2f}{decode['full_uncached']:>10.0f}{r_cache:>17.2f}{kernel_pair:>28}")
     print(f"\ntraining: batch x sequence per size as in the script; decode: batch 1, 16-token prompt, "
           f"{args.new_tokens} new tokens, greedy")
-    print("tok/s: medians over the repeats; ratios: medians of the per-repeat ratios (measured back to back)")
+    print("tok/s: from the median step (training) or generation (decoding) time; ratios: medians of the ratios "
+          "of steps or runs measured back to back")
     print(f"decoding step path: {fused.status()} (core_model/fused.py; RESO_FUSED=0 for the eager path)")
     print("targets: full >= 0.90x vanilla (train and decode); cached >= 5x uncached at 256 new tokens")
 

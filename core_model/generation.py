@@ -1,14 +1,14 @@
 """Sampling and the decoding loop (KV cache with phases and Kuramoto running sums).
 
-``generate`` takes one prompt or a batch (left-padded internally), and decodes greedily
-(``temperature=0``) or by sampling with temperature, top-k, top-p and a repetition penalty,
+``generate`` (all at once) and ``generate_stream`` (one step at a time) take one prompt or a
+batch (left-padded internally) and decode greedily (``temperature=0``) or by sampling with temperature, top-k, top-p and a repetition penalty,
 from an explicit seed. ``use_cache=False`` recomputes the whole sequence every step (the
 reference the cached path is tested against).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +84,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-@torch.inference_mode()
 def generate(
     model,
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
@@ -105,6 +104,35 @@ def generate(
     generation is always repeatable. The longest prompt plus ``max_new_tokens - 1`` must fit in
     ``config.max_seq_len`` (checked before any work).
     """
+    out: list[list[int]] = [[] for _ in range(_batch_size(input_ids))]
+    for tokens in generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                  seed, use_cache, eos_id, pad_id, external_field):
+        for row, token in enumerate(tokens):
+            if token is not None:
+                out[row].append(token)
+    return out
+
+
+def generate_stream(
+    model,
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = 0,
+    use_cache: bool = True,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    external_field: torch.Tensor | None = None,
+) -> Iterator[list[int | None]]:
+    """``generate`` one step at a time: an iterator that yields, after each decoding step, the
+    token each prompt received (None for a row that has already finished). The arguments are
+    checked here, before any work; the model is in eval mode until the iterator is exhausted
+    or closed, and gradients are off only while it computes (not in the caller's code between
+    steps). ``generate`` is this iterator, collected.
+    """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
@@ -116,16 +144,30 @@ def generate(
     else:
         prompts = [list(p) for p in input_ids]
     ids, mask = left_pad(prompts, pad_id, device)
-    B, T = ids.shape
+    T = ids.shape[1]
     limit = model.config.max_seq_len
     if T + max(max_new_tokens - 1, 0) > limit:
         raise ValueError(f"a prompt of {T} tokens plus {max_new_tokens} new tokens does not fit in max_seq_len "
                          f"{limit}: shorten the prompt or ask for at most {max(limit - T + 1, 0)} new tokens")
+    return _decode(model, ids, mask, max_new_tokens, params, seed, use_cache, eos_id, pad_id, external_field)
+
+
+def _batch_size(input_ids) -> int:
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.shape[0] if input_ids.dim() == 2 else 1
+    return 1 if input_ids and isinstance(input_ids[0], int) else len(input_ids)
+
+
+@torch.inference_mode()  # on a generator function: only while it runs, not between its steps
+def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, params: SamplingParams,
+            seed: int | None, use_cache: bool, eos_id: int | None, pad_id: int,
+            external_field: torch.Tensor | None) -> Iterator[list[int | None]]:
+    device = ids.device
+    B, T = ids.shape
     generator = torch.Generator(device=device)
     generator.manual_seed(0 if seed is None else seed)
     was_training = model.training
     model.eval()
-    out = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     history = ids.clone()
     try:
@@ -136,13 +178,12 @@ def generate(
             if not use_cache:
                 logits = model(history, attention_mask=mask, external_field=external_field, last_only=True).logits
             seen = None
-            if repetition_penalty != 1.0:  # padding is no token a row produced: count its last real one instead
+            if params.repetition_penalty != 1.0:  # padding is no token a row produced: count its last real one instead
                 seen = torch.where(mask.bool(), history, history[:, -1:])
             nxt = sample_next(logits[:, -1], params, generator, seen)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-            for row, (token, done) in enumerate(zip(nxt.tolist(), finished.tolist())):  # one copy, not B
-                if not done:
-                    out[row].append(token)
+            # one copy each, not B
+            yield [None if done else token for token, done in zip(nxt.tolist(), finished.tolist())]
             if eos_id is not None:
                 finished |= nxt == eos_id
             if bool(finished.all()) or step == max_new_tokens - 1:
@@ -154,4 +195,3 @@ def generate(
                                external_field=external_field).logits
     finally:
         model.train(was_training)
-    return out

@@ -196,6 +196,12 @@ class ResoLLMModel(CognitionMixin, nn.Module):
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
+    def generate_stream(self, input_ids, max_new_tokens: int = 64, **kwargs):
+        """Yield each step's tokens as they come; see :func:`core_model.generation.generate_stream`."""
+        from .generation import generate_stream
+
+        return generate_stream(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
     # --- training helpers -------------------------------------------------------------
     def optimizer_param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay on matrices only; none on norms, biases, phases and scalars."""

@@ -223,6 +223,30 @@ def test_generation_is_seeded_and_stops_at_eos():
     assert stopped[0] == a[0][: a[0].index(eos) + 1]
 
 
+def test_streamed_generation_equals_generate_and_leaves_grad_mode_alone():
+    model = build()
+    model.train()
+    prompts = [[1, 2, 3], [4, 5]]
+    full = model.generate(prompts, max_new_tokens=12, temperature=1.0, seed=11)
+    eos = full[1][3]  # row 1 stops at its 4th token, row 0 goes on (unless it emits eos too)
+    expected = model.generate(prompts, max_new_tokens=12, temperature=1.0, seed=11, eos_id=eos)
+    stream = model.generate_stream(prompts, max_new_tokens=12, temperature=1.0, seed=11, eos_id=eos)
+    rows: list[list[int]] = [[], []]
+    steps = 0
+    for tokens in stream:
+        steps += 1
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # the caller's mode between steps
+        assert not model.training  # eval while the stream is open
+        for r, t in enumerate(tokens):
+            if t is not None:
+                rows[r].append(t)
+    assert rows == expected and steps == max(len(r) for r in expected)
+    assert rows[1][-1] == eos and len(rows[1]) <= 4
+    assert model.training  # restored when the stream ends
+    with pytest.raises(ValueError, match="max_new_tokens"):  # checked at the call, before any step
+        model.generate_stream(prompts, max_new_tokens=-1)
+
+
 def test_loss_ignores_masked_targets_and_sequence_limit_is_enforced():
     model = build()
     x = ids(B=1, T=16)
