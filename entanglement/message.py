@@ -226,7 +226,8 @@ class _RawBatch(msgspec.Struct, frozen=True, array_like=True, tag=WIRE_VERSION):
     bodies: list[msgspec.Raw]
 
 
-# ValidationError is a DecodeError; a str that is not UTF-8 raises UnicodeDecodeError itself
+# ValidationError is a DecodeError; a str that is not UTF-8 raises UnicodeDecodeError (msgspec < 0.23)
+# or a DecodeError (0.23 on)
 _DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError)
 _ENCODER = msgspec.msgpack.Encoder()
 _BODY = msgspec.msgpack.Decoder(StateUpdate)
@@ -339,10 +340,10 @@ def unpack_batch(
         raise MalformedMessage(f"frame of {len(frame)} bytes exceeds {limit}")
     try:
         batch: _Batch | _RawBatch = _BATCH.decode(frame)
-    except (msgspec.ValidationError, UnicodeDecodeError):
-        batch = _unpack_raw_batch(frame)  # the frame is sound but some body is not: find it
-    except _DECODE_ERRORS as exc:
-        raise MalformedMessage(f"not a valid batch: {exc}") from exc
+    except _DECODE_ERRORS:
+        # some body is invalid (which error says so depends on msgspec's version: a non-UTF-8
+        # string is a DecodeError from 0.23 on), or the frame itself is: the raw pass tells which
+        batch = _unpack_raw_batch(frame)
     epoch, last_seq, bodies = batch.epoch, batch.last_seq, batch.bodies
     if len(bodies) > last_seq:
         raise MalformedMessage(f"batch of {len(bodies)} bodies ends at seq {last_seq}")
