@@ -1,15 +1,16 @@
 """Cost and effect of inference-time cognition, from one run.
 
 1. Cached decode speed (tokens/s, wall clock and per CPU-second of this process; torch runs
-   one thread, and the Lyapunov twin's catch-ups run on a worker thread beside the decoding, so
-   the wall figure is what a user waits and the CPU figure is the total work) of the seed's
-   small preset (4 x 256, untrained) with ResoLLMInference: every cognition component off, every
-   component on at the defaults (the Lyapunov twin catching up after 8, 16, 32, then every 64
-   steps, a goal steering, PRSC concepts
-   occurring in the prompt, memory conditioning, stochastic resonance armed), the same with the
-   twin catching up every 8 steps, and on without the twin; plain
-   ``core_model.generation.generate`` as the reference. Runs are interleaved (alternating order);
-   tok/s are medians, "vs off" the median of each repeat's ratio to the all-off run of that repeat.
+   one thread, and the Lyapunov twin's window forwards run on a worker thread beside the
+   decoding, so the wall figure is what a user waits and the CPU figure is the total work) of
+   the seed's small preset (4 x 256, untrained) with ResoLLMInference: every cognition component
+   off, every component on at the defaults (a Lyapunov twin window of 16 tokens every 64 steps,
+   a goal steering, PRSC concepts occurring in the prompt, memory conditioning, stochastic
+   resonance armed), the same with twin windows back to back (8 tokens every 8 steps: the twin
+   reads every token, the cost of a twin that follows the whole generation), and on without the
+   twin; plain ``core_model.generation.generate`` as the reference. Runs are interleaved
+   (alternating order); tok/s are medians, "vs off" the median of each repeat's ratio to the
+   all-off run of that repeat.
 2. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
    byte tokenizer, inside this script): share of repeated 4-grams of the generations with SR off
    and on at the same fixed temperature, next to the same statistic of real text, and the mean
@@ -100,7 +101,7 @@ def speed(args) -> list[tuple[str, float, float]]:
 
     runs = {"plain generate (reference)": plain, "engine, all cognition off": engine(all_off(base), False),
             "engine, all on (defaults)": engine(all_on(base), True),
-            "engine, all on, twin every 8": engine(all_on(base, every=8), True),
+            "engine, all on, twin reads every token": engine(all_on(base, every=8), True),
             "engine, all on but Lyapunov twin": engine(all_on(base, lyapunov=False), True)}
     samples = {k: [] for k in runs}
     for f in runs.values():  # warm-up

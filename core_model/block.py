@@ -114,7 +114,7 @@ class ResoFormerBlock(nn.Module):
 
     def _decode_step(self, kernel, x, theta, rope, attn_mask, counts, external, cache, cache_start):
         """``forward`` with a cache, no padding and no gradients (decoding steps, prefills, the
-        Lyapunov twin's catch-ups): everything between the input projection and the attention
+        Lyapunov twin's window forwards): everything between the input projection and the attention
         kernel in one compiled call (``core_model.fused``)."""
         args = self.__dict__.get("_decode_args")
         if args is None:  # the constant arguments, looked up once (parameters are kept by reference)

@@ -94,8 +94,9 @@ class StabilityConfig:
     halt_on_instability: bool = False
     min_tokens_before_halt: int = 16
     lyapunov: bool = True  # run a perturbed twin trajectory for the Lyapunov estimate
-    lyapunov_every: int = 64  # twin catches up (one forward) after 8, 16, 32, then every N steps
-    perturbation: float = 1e-3  # relative size of the twin's prompt perturbation
+    lyapunov_every: int = 64  # a twin window starts every N steps (the first right after the prompt)
+    lyapunov_window: int = 16  # tokens a twin window reads (one forward): its exponent is their slope
+    perturbation: float = 1e-3  # relative size of the perturbation of a window's first input
     entropy_low: float = 0.15  # normalised entropy below which the temperature is raised
     entropy_high: float = 0.85  # ... above which it is lowered
     temperature_step: float = 0.1  # multiplicative step of the temperature controller
@@ -108,6 +109,7 @@ class StabilityConfig:
         _check(self.min_tokens_before_halt >= 0, f"{prefix}.min_tokens_before_halt", "must be >= 0")
         _check(self.perturbation > 0, f"{prefix}.perturbation", "must be > 0")
         _check(self.lyapunov_every >= 1, f"{prefix}.lyapunov_every", "must be >= 1")
+        _check(self.lyapunov_window >= 3, f"{prefix}.lyapunov_window", "must be >= 3 (a slope over positions 2 .. W)")
         _check(0 <= self.entropy_low < self.entropy_high <= 1, f"{prefix}.entropy_low",
                "must satisfy 0 <= entropy_low < entropy_high <= 1")
         _check(0 < self.temperature_step < 1, f"{prefix}.temperature_step", "must lie in (0, 1)")

@@ -25,7 +25,7 @@ _quiet = threading.local()
 
 @contextmanager
 def noise_suppressed() -> Iterator[None]:
-    """No stochastic-resonance noise in this thread's forwards (the Lyapunov twin's catch-ups
+    """No stochastic-resonance noise in this thread's forwards (the Lyapunov twin's window forwards
     run beside a main trajectory that may have it on)."""
     before = getattr(_quiet, "on", False)
     _quiet.on = True

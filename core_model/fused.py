@@ -7,7 +7,7 @@ writing k and v into the cache, and for the resonant parts the phasors, the Kura
 and step, the gate and the attention phase features). ``csrc/phase_step.cpp`` does all of it in
 one call, for the full model and the vanilla setting alike; blocks use it for every forward with
 a cache, without padding and without gradients on float32 CPU tensors (decoding steps,
-prefills of unpadded prompts, the Lyapunov twin's catch-ups). ``csrc/phase_fields.cpp`` (same
+prefills of unpadded prompts, the Lyapunov twin's window forwards). ``csrc/phase_fields.cpp`` (same
 module) serves forwards without a cache, padding or external field (training, uncached
 forwards): the phasors, mean field, order parameter, gate, Kuramoto step and attention phase
 features of a whole sequence, forward and backward, in two calls per block instead of about

@@ -12,9 +12,8 @@ from core_model.cognition.lyapunov import LAG
 from core_model.cognition.stability import (
     PredictiveStability, StabilityState, TemperatureController, detect_period, stability_score,
 )
-from core_model.config import ResoLLMConfig, StabilityConfig
+from core_model.config import StabilityConfig
 from core_model.inference import ResoLLMInference
-from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
 from model_helpers import one_torch_thread, tiny  # noqa: F401  (fixture)
 
@@ -72,17 +71,16 @@ def test_lyapunov_trace_is_real():
     r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=40, seed=1,
                                                                stop_at_eos=False)
     assert len(r.lyapunov_trace) == r.tokens_generated == 40
-    # the twin catches up after 8, 16 (then 32) more steps, each read LAG steps after it started;
-    # the first measurement is the reference
-    second = 8 + 16 + LAG
-    assert r.lyapunov_trace[:second] == [0.0] * second
-    assert r.lyapunov_trace[second] != 0.0 and all(math.isfinite(v) for v in r.lyapunov_trace)
+    # the first twin window reads the 16 tokens after the prompt and is read LAG steps later
+    first = 16 + LAG
+    assert r.lyapunov_trace[:first] == [0.0] * first
+    assert r.lyapunov_trace[first] != 0.0 and all(math.isfinite(v) for v in r.lyapunov_trace)
     assert r.lyapunov == r.lyapunov_trace[-1] and 0.0 <= model.get_stability() <= 1.0
-    # measured every step, the estimate moves every step
+    # the shortest windows (3 tokens) back to back: the estimate moves every 3 steps
     model1 = tiny(stability=StabilityConfig(lyapunov_every=1))
     r1 = ResoLLMInference(model1, tok, temperature=0.8).generate("Once upon a time", max_length=40, seed=1,
                                                                  stop_at_eos=False)
-    assert r1.lyapunov_trace[:2] == [0.0, 0.0] and len(set(r1.lyapunov_trace[2:])) > 20
+    assert r1.lyapunov_trace[:3] == [0.0] * 3 and len(set(r1.lyapunov_trace[3:])) >= 12
     assert r1.token_ids == r.token_ids  # the twin never changes the main trajectory
     # switching the twin off removes the estimate (and its cost)
     model2 = tiny(stability=StabilityConfig(lyapunov=False))
@@ -91,7 +89,7 @@ def test_lyapunov_trace_is_real():
 
 
 def test_twin_on_a_worker_thread_gives_the_same_trace_however_slow(monkeypatch):
-    """A catch-up's distance is read at a fixed step, so the worker's speed changes nothing."""
+    """A window's exponent is read at a fixed step, so the worker's speed changes nothing."""
     import time
 
     from core_model.cognition import lyapunov
@@ -99,18 +97,19 @@ def test_twin_on_a_worker_thread_gives_the_same_trace_however_slow(monkeypatch):
     tok = create_default_tokenizer()
 
     def run():
-        model = tiny(stability=StabilityConfig(lyapunov_every=16))
-        r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=48, seed=3,
+        # windows read steps 1-16 and 33-48, each read 8 steps after its forward started
+        model = tiny(stability=StabilityConfig(lyapunov_every=32))
+        r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=60, seed=3,
                                                                    stop_at_eos=False)
         return r.token_ids, r.lyapunov_trace, model.get_stability()
 
     threads = []
     real_forward = lyapunov.LyapunovTwin._forward
 
-    def slow_forward(self, ids, offsets):
+    def slow_forward(self, *args):
         threads.append(threading.current_thread().name)
         time.sleep(0.03)  # far slower than the main trajectory's steps
-        return real_forward(self, ids, offsets)
+        return real_forward(self, *args)
 
     fast = run()
     monkeypatch.setattr(lyapunov.LyapunovTwin, "_forward", slow_forward)
@@ -121,51 +120,43 @@ def test_twin_on_a_worker_thread_gives_the_same_trace_however_slow(monkeypatch):
     inline = run()
     assert threads == [threading.current_thread().name] * len(threads) and threads
     assert fast == slow == inline
-    assert any(v != 0.0 for v in fast[1])
+    assert len(threads) == 2 and len(set(fast[1])) == 3  # 0 until the first window, then two exponents
 
 
-def test_a_catch_up_still_running_at_the_end_updates_the_final_exponent():
+def test_a_window_still_running_at_the_end_updates_the_final_exponent():
     tok = create_default_tokenizer()
-    model = tiny(stability=StabilityConfig(lyapunov_every=16))
-    # catch-ups after 8 and 24 steps; the second is read when the 26-step generation ends
-    r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=26, seed=2,
+    model = tiny(stability=StabilityConfig(lyapunov_every=32))
+    # the window's forward starts after 16 steps, due 8 steps later: after the 22-step generation
+    r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=22, seed=2,
                                                                stop_at_eos=False)
-    assert r.tokens_generated == 26
-    assert set(r.lyapunov_trace) == {0.0}  # no exponent during the steps (one reference distance only)
+    assert r.tokens_generated == 22
+    assert set(r.lyapunov_trace) == {0.0}  # no exponent during the steps
     assert r.lyapunov != 0.0 and len(model.session.stability.local_exponents) == 1
 
 
-def test_benettin_renormalisation_pulls_the_twin_cache():
-    from core_model.cognition.lyapunov import _pull
+def test_window_exponent_is_the_slope_of_log_distance_after_the_perturbed_position():
+    from core_model.cognition.lyapunov import window_exponent
 
     torch.manual_seed(0)
-    # more oscillators (16) than filled positions (4): the running phase sums are pulled whole
-    model = ResoLLMModel(ResoLLMConfig(dim=256, num_layers=2, num_heads=4, num_phases=16, max_seq_len=64)).eval()
-    a, b = model.new_cache(1, 16), model.new_cache(1, 16)
-    with torch.no_grad():
-        model(torch.tensor([[1, 2, 3, 4]]), cache=a)
-        model(torch.tensor([[1, 2, 3, 9]]), cache=b)
-    k_a, k_b = a.layers[0].k[:, :, :4].clone(), b.layers[0].k[:, :, :4].clone()
-    s_a, s_b = a.layers[0].phase_sum.clone(), b.layers[0].phase_sum.clone()
-    assert s_a.shape[2] == 16 and not torch.allclose(s_a, s_b)
-    _pull(a, b, 0.25)
-    assert torch.allclose(b.layers[0].k[:, :, :4], k_a + 0.25 * (k_b - k_a), atol=1e-6)
-    assert torch.allclose(b.layers[0].phase_sum, s_a + 0.25 * (s_b - s_a), atol=1e-6)
-    _pull(a, b, 0.0)
-    for la, lb in zip(a.layers, b.layers):
-        assert torch.allclose(la.k[:, :, :4], lb.k[:, :, :4]) and torch.allclose(la.v[:, :, :4], lb.v[:, :, :4])
-        assert torch.allclose(la.phase_sum, lb.phase_sum)
+    W, D = 16, 32
+    main = torch.randn(W, D)
+    direction = torch.nn.functional.normalize(torch.randn(W, D), dim=1)
+    log_d = torch.tensor([3.0] + [-7.0 + 0.1 * j for j in range(1, W)])  # position 1: the kick itself
+    twin = main + direction * main.norm(dim=1, keepdim=True) * log_d.exp()[:, None]
+    assert window_exponent(twin, main) == pytest.approx(0.1, abs=1e-4)
+    assert window_exponent(main.clone(), main) == pytest.approx(0.0)  # d = 0 everywhere: floored, flat
+    twin[5] = float("inf")
+    assert not math.isfinite(window_exponent(twin, main))
 
 
 def test_growing_divergence_is_chaotic_and_predicted_first():
     cfg = StabilityConfig(lyapunov_threshold=0.1, predictive_horizon=5, window=16, lyapunov_every=1)
     mon = PredictiveStability(cfg, vocab_size=263)
     mon.start()
-    log_d, labels, rate = -7.0, [], 0.0
+    labels, rate = [], 0.0
     for step in range(40):
         rate = min(0.3, rate + 0.015)  # perturbations grow faster and faster
-        log_d += rate
-        mon.observe_distance(log_d)
+        mon.observe_exponent(rate, step + 1)
         labels.append(mon.observe(step, 3.0, list(range(step + 1))).label)
     assert labels[-1] == "chaotic" and labels[0] == "stable"
     first_chaotic = labels.index("chaotic")
@@ -179,7 +170,7 @@ def test_divergent_and_score():
     cfg = StabilityConfig(lyapunov_every=1)
     mon = PredictiveStability(cfg, vocab_size=263)
     mon.start()
-    mon.observe_distance(float("nan"))
+    mon.observe_exponent(float("nan"), 1)
     assert mon.observe(0, 3.0, [1]).label == "divergent" and mon.score() == 0.0
     s = StabilityState(label="stable", lyapunov=-0.5)
     assert stability_score(s, 0.1) == pytest.approx(1.0, abs=1e-6)

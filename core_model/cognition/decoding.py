@@ -1,8 +1,8 @@
 """The cognitive decoding loop: cached decoding with stability, agency, PRSC, memory and SR.
 
 One forward per step, as in ``core_model.generation``: prefill ``model(ids, cache=...)``, then
-``model(next_token, cache=...)``. The Lyapunov twin (``lyapunov.py``) starts from a copy of the
-prefilled cache and catches up every ``lyapunov_every`` steps.
+``model(next_token, cache=...)``. The Lyapunov twin (``lyapunov.py``) opens a window on a copy of
+the cache right after the prefill and then every ``lyapunov_every`` steps.
 
 Attention intensity for the foci is the last layer's attention of the latest query over the
 cached keys (the query recorded by that attention module, see ``_AttentionProbe``; computed only
@@ -62,7 +62,7 @@ class _AttentionProbe:
 
     While a probe is attached the module records the finished queries (phase features included)
     of forwards run in the probe's thread, on the eager and the fused decoding path alike (the
-    Lyapunov twin's catch-ups run on a worker thread and are not recorded); ``capture`` takes the
+    Lyapunov twin's window forwards run on a worker thread and are not recorded); ``capture`` takes the
     latest one right after a main-trajectory forward.
     """
 
@@ -224,8 +224,8 @@ class CognitiveDecoder:
                     self._update_goals(goals, gen_sum, fed, ref, trace)
                 self._update_foci(probe, cache, context[:-1], pieces, surprisal[:-1], hidden_rows, run_goals, n)
             if twin is not None:
-                # the worker must finish before the model is free again; its distance, read after
-                # the last step, updates the final exponent (not the per-step trace)
+                # the worker must finish before the model is free again; a window read after the
+                # last step updates the final exponent (not the per-step trace)
                 twin.close()
                 tracker.refresh()
             if stab_on:

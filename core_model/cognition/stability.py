@@ -1,16 +1,15 @@
 """Predictive stability: entropy, a finite-time Lyapunov estimate, cycle detection, control.
 
 Per decoding step ``t`` the engine reports ``H_t``, the entropy of the sampling distribution
-(nats, normalised ``h_t = H_t / ln V``), and after every interval of ``N`` steps (8, 16, then
-``lyapunov_every``: see lyapunov.py) ``d_t``, the relative distance ``|h'_t - h_t| / |h_t|`` between the final hidden states of the trajectory
-and of a twin that started from a perturbed prompt and reads the same tokens.
+(nats, normalised ``h_t = H_t / ln V``), and after every twin window (see lyapunov.py: ``W``
+tokens read by a twin whose first input was perturbed, one window every ``lyapunov_every``
+steps) a local exponent, the slope of ``ln d_j`` over the window, where
+``d_j = |h'_j - h_j| / |h_j|`` is the relative distance of the twin's and the trajectory's final
+hidden states at the window's ``j``-th position.
 
-The local exponent is ``l = (ln d_t - ln d_{t-N}) / N`` per step (Benettin renormalisation of
-the twin keeps ``d`` small; the rescaling is accounted for). The finite-time Lyapunov exponent
-is the mean of the local exponents over the last ``window`` steps, i.e. the slope of ``ln d``.
-The first measurement only sets the reference (the step from the directly perturbed prompt
-to unperturbed tokens is not dynamics), so the estimate is 0 until the second one (step 24 at
-the defaults).
+The finite-time Lyapunov exponent is the mean of the local exponents measured within the last
+``window`` steps (at least the latest). It is 0 until the first window is read (step 24 at the
+defaults: 16 tokens, read 8 steps later).
 
 Classes (first that applies): ``divergent`` (non-finite values, or ``lambda > 10 * threshold``),
 ``periodic`` (the last ``window`` tokens repeat with a period ``p <= window / 2``),
@@ -110,7 +109,7 @@ class StabilityState:
 
 
 class PredictiveStability:
-    """Per-step tracker: feeds on entropy, twin distance and tokens; classifies and warns."""
+    """Per-step tracker: feeds on entropy, twin exponents and tokens; classifies and warns."""
 
     def __init__(self, config: StabilityConfig, vocab_size: int, state: StabilityState | None = None) -> None:
         self.config = config
@@ -120,46 +119,34 @@ class PredictiveStability:
         # lyapunov.py); the estimate averages the ones measured within the last ``window`` steps
         self.exponents: deque[float] = deque(self.state.local_exponents, maxlen=max(config.window, 4))
         self.positions: deque[int] = deque(range(len(self.exponents)), maxlen=self.exponents.maxlen)
-        self._position = self.positions[-1] if self.positions else 0
         self.warnings: list[str] = []
-        self._log_d: float | None = None
         self._nonfinite = False
         self._slope, self._slope_at = 0.0, (0, 0.0)
 
     # --- feeding ------------------------------------------------------------------------
     def start(self) -> None:
-        """New generation. The first twin distance after the prompt becomes the reference: the step
-        from the (directly perturbed) prompt to the first unperturbed token is not dynamics."""
-        self._log_d = None
+        """New generation: forget the previous one's exponents and warnings."""
         self.exponents.clear()
         self.positions.clear()
-        self._position = 0
         self.warnings = []
         self._nonfinite = False
 
-    def observe_distance(self, log_distance: float | None, rescale_log: float = 0.0, steps: int = 1) -> None:
-        """Twin distance ``steps`` steps after the previous one; ``rescale_log`` = ln of the
-        renormalisation applied right after this measurement."""
-        if log_distance is None or not math.isfinite(log_distance):
-            if log_distance is not None:
-                self._nonfinite = True
+    def observe_exponent(self, exponent: float, position: int) -> None:
+        """A local exponent measured by the twin over a window that ended at step count
+        ``position`` (see lyapunov.py); a non-finite one marks the dynamics divergent."""
+        if not math.isfinite(exponent):
+            self._nonfinite = True
             return
-        self._position += steps
-        if self._log_d is not None:
-            self.exponents.append((log_distance - self._log_d) / steps)
-            self.positions.append(self._position)
-        self._log_d = log_distance + rescale_log
+        self.exponents.append(exponent)
+        self.positions.append(position)
 
     def refresh(self) -> StabilityState:
-        """Recompute the exponent estimate from the distances observed so far (after the last
-        step: the Lyapunov twin's final catch-up); the label stays that of the last step."""
+        """Recompute the exponent estimate from the exponents observed so far (after the last
+        step: the Lyapunov twin's window read when the generation ends); the label stays that of
+        the last step."""
         self.state.lyapunov = self._estimate()
         self.state.local_exponents = list(self.exponents)
         return self.state
-
-    def resync(self, log_distance: float | None) -> None:
-        """Forget the reference distance (after noise was injected into the trajectory)."""
-        self._log_d = log_distance
 
     def observe(self, step: int, entropy: float, tokens: list[int], finite: bool = True) -> StabilityState:
         """Update the state after step ``step`` (0-based) with the sampling entropy and the tokens so far."""
