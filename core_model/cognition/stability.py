@@ -115,8 +115,8 @@ class PredictiveStability:
         self.config = config
         self.log_v = math.log(vocab_size)
         self.state = state or StabilityState()
-        # one exponent per measurement, with the step it was measured at (intervals vary: see
-        # lyapunov.py); the estimate averages the ones measured within the last ``window`` steps
+        # one exponent per twin window (see lyapunov.py), with the step its window ended at; the
+        # estimate averages the ones measured within the last ``window`` steps
         self.exponents: deque[float] = deque(self.state.local_exponents, maxlen=max(config.window, 4))
         self.positions: deque[int] = deque(range(len(self.exponents)), maxlen=self.exponents.maxlen)
         self.warnings: list[str] = []
