@@ -139,8 +139,8 @@ class LyapunovTwin:
                 self.worker = None
 
     def _start(self) -> None:
-        if self.running is not None:  # defensive: the previous window is always read by now
-            self._finish()
+        # no window is running here: one is read (at its start + lag <= start + E - W, the next
+        # fork) before the next one forks, let alone starts
         device = self.mains[0].device
         ids = torch.tensor([self.tokens], device=device)
         pert = self.perturbation()
