@@ -10,7 +10,13 @@
    reads every token, the cost of a twin that follows the whole generation), and on without the
    twin; plain ``core_model.generation.generate`` as the reference. Runs are interleaved
    (alternating order); tok/s are medians, "vs off" the median of each repeat's ratio to the
-   all-off run of that repeat.
+   all-off run of that repeat, with a 95% bootstrap interval of that median. This machine's
+   speed changes from one generation to the next (the per-repeat ratios spread by +-20%), so
+   "per model-s" gives a drift-free figure as well: the median of each run's wall time over the
+   time its main trajectory spent in model forwards, against the same for all off. It counts
+   every cost outside those forwards (bookkeeping, the twin's window forwards, waiting for
+   them) and assumes the main trajectory's forwards cost the same in both, which they do in
+   kernels (the same calls plus one input-offset add).
 2. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
    byte tokenizer, inside this script): share of repeated 4-grams of the generations with SR off
    and on at the same fixed temperature, next to the same statistic of real text, and the mean
@@ -25,12 +31,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import random
 import statistics
+import threading
 import time
 from pathlib import Path
 
 import torch
 
+from core_model.cognition.lyapunov import in_twin_forward
 from core_model.cognition.resonance import repeated_ngram_share
 from core_model.config import (
     AgencyConfig, PRSCConfig, ResoLLMConfig, StabilityConfig, StochasticResonanceConfig, TemporalSMFConfig,
@@ -73,18 +82,51 @@ def prepare_session(model, tok) -> None:
     model.create_goal("explain reasoning with clear examples")
 
 
-def speed(args) -> list[tuple[str, float, float]]:
+class MainForwardClock:
+    """Wall time spent inside the main trajectory's model forwards, via forward hooks (the
+    Lyapunov twin's window forwards, on its worker thread or not, are left out)."""
+
+    def __init__(self, model) -> None:
+        self.main = threading.get_ident()
+        self.total = 0.0
+        self._start = 0.0
+        model.register_forward_pre_hook(self._pre)
+        model.register_forward_hook(self._post)
+
+    def _counts(self) -> bool:
+        return threading.get_ident() == self.main and not in_twin_forward()
+
+    def _pre(self, module, args) -> None:
+        if self._counts():
+            self._start = time.perf_counter()
+
+    def _post(self, module, args, output) -> None:
+        if self._counts():
+            self.total += time.perf_counter() - self._start
+
+
+def bootstrap_median(values: list[float], rounds: int = 2000) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of ``values`` (fixed seed)."""
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(rounds))
+    return meds[int(0.025 * rounds)], meds[int(0.975 * rounds) - 1]
+
+
+def speed(args) -> list[tuple]:
     tok = create_default_tokenizer()
     torch.manual_seed(0)
     base = small_config()
     model = ResoLLMModel(base).eval()
+    clock = MainForwardClock(model)
     ids = tok.encode(PROMPT)
     n = args.tokens
 
-    def plain() -> tuple[float, float]:
+    def plain() -> tuple[float, float, float]:
+        clock.total = 0.0
         w, c = time.perf_counter(), time.process_time()
         out = model.generate([ids], max_new_tokens=n, temperature=0.8, seed=0)[0]
-        return len(out) / (time.perf_counter() - w), len(out) / (time.process_time() - c)
+        wall = time.perf_counter() - w
+        return len(out) / wall, len(out) / (time.process_time() - c), wall / clock.total
 
     def engine(cfg: ResoLLMConfig, cognition: bool):
         def run() -> tuple[float, float]:
@@ -94,9 +136,11 @@ def speed(args) -> list[tuple[str, float, float]]:
             else:
                 model.reset_cognition()
             eng = ResoLLMInference(model, tok, cfg, temperature=0.8)
+            clock.total = 0.0
             w, c = time.perf_counter(), time.process_time()
             r = eng.generate(PROMPT, max_length=n, seed=0, stop_at_eos=False)
-            return r.tokens_generated / (time.perf_counter() - w), r.tokens_generated / (time.process_time() - c)
+            wall = time.perf_counter() - w
+            return r.tokens_generated / wall, r.tokens_generated / (time.process_time() - c), wall / clock.total
         return run
 
     runs = {"plain generate (reference)": plain, "engine, all cognition off": engine(all_off(base), False),
@@ -111,14 +155,26 @@ def speed(args) -> list[tuple[str, float, float]]:
         for k in order if i % 2 == 0 else order[::-1]:  # interleaved, alternating order
             samples[k].append(runs[k]())
 
+    off = samples["engine, all cognition off"]
+
     def med(k: str, i: int) -> float:
         return statistics.median(s[i] for s in samples[k])
 
-    def vs_off(k: str, i: int) -> float:
-        """Median over repeats of this run's speed / the all-off run's speed of the same repeat."""
-        return statistics.median(a[i] / b[i] for a, b in zip(samples[k], samples["engine, all cognition off"])) - 1
+    def ratios(k: str, i: int) -> list[float]:
+        """Each repeat's speed of ``k`` / the all-off run's speed of the same repeat, minus 1."""
+        return [a[i] / b[i] - 1 for a, b in zip(samples[k], off)]
 
-    return [(k, med(k, 0), vs_off(k, 0), med(k, 1), vs_off(k, 1)) for k in samples]
+    def per_model_time(k: str) -> float:
+        """Drift-free cost: median (wall / main-trajectory forward time) of k over that of all off,
+        minus 1, as a change of speed (negative = slower)."""
+        return statistics.median(b[2] for b in off) / med(k, 2) - 1
+
+    rows = []
+    for k in samples:
+        r = ratios(k, 0)
+        rows.append((k, med(k, 0), statistics.median(r), bootstrap_median(r), med(k, 1),
+                     statistics.median(ratios(k, 1)), per_model_time(k)))
+    return rows
 
 
 def train_tiny(args, tok) -> ResoLLMModel:
@@ -187,7 +243,7 @@ def repetition(args) -> tuple[list[tuple[str, float, float, float]], float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
-    ap.add_argument("--repeats", type=int, default=15, help="interleaved runs per configuration (median)")
+    ap.add_argument("--repeats", type=int, default=31, help="interleaved runs per configuration (median)")
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--gen-tokens", type=int, default=200)
@@ -202,9 +258,11 @@ def main() -> None:
     rows = speed(args)
     print(f"\nDecode speed, small preset (4 x 256), {args.tokens} new tokens, median of {args.repeats}, "
           f"{args.threads} thread(s)")
-    print(f"{'configuration':40s} {'wall tok/s':>10s} {'vs off':>8s} {'CPU tok/s':>10s} {'vs off':>8s}")
-    for name, wall, rel_wall, cpu, rel_cpu in rows:
-        print(f"{name:40s} {wall:10.1f} {rel_wall:+8.1%} {cpu:10.1f} {rel_cpu:+8.1%}")
+    print(f"{'configuration':40s} {'wall tok/s':>10s} {'vs off':>8s} {'95% interval':>17s} {'CPU tok/s':>10s} "
+          f"{'vs off':>8s} {'per model-s':>12s}")
+    for name, wall, rel_wall, (lo, hi), cpu, rel_cpu, per_model in rows:
+        print(f"{name:40s} {wall:10.1f} {rel_wall:+8.1%} {f'[{lo:+.1%}, {hi:+.1%}]':>17s} {cpu:10.1f} "
+              f"{rel_cpu:+8.1%} {per_model:+12.1%}")
 
     rep, real = repetition(args)
     print(f"\nStochastic resonance on a briefly trained model ({args.train_steps} steps), {args.prompts} prompts x "

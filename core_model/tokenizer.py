@@ -57,6 +57,7 @@ class ResoTokenizer:
         self.role_ids = {role: backend.token_to_id(tok) for role, tok in ROLE_TOKENS.items()}
         self.special_ids = frozenset(backend.token_to_id(t) for t in SPECIAL_TOKENS)
         self._literal_lock = threading.Lock()
+        self._pieces: dict[int, str] = {}  # token id -> the token decoded on its own (decode_pieces)
 
     # --- sizes and primes -------------------------------------------------------------
     @property
@@ -89,8 +90,22 @@ class ResoTokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_pieces(self, ids: Sequence[int]) -> list[str]:
-        """Each token decoded on its own (one call into the backend for all of them)."""
-        return self.backend.decode_batch([[int(i)] for i in ids])
+        """Each token decoded on its own; a token's piece is decoded once (one call into the
+        backend for all new ones) and then kept."""
+        table = self._pieces
+        missing = sorted({int(i) for i in ids} - table.keys())
+        if missing:
+            table.update(zip(missing, self.backend.decode_batch([[i] for i in missing])))
+        return [table[int(i)] for i in ids]
+
+    def boundary_ids(self) -> frozenset[int]:
+        """Ids of the tokens after which a word boundary lies: those whose piece is empty or does
+        not end in a letter or digit (computed once per tokenizer)."""
+        ids = self.__dict__.get("_boundary_ids")
+        if ids is None:
+            pieces = self.decode_pieces(range(self.vocab_size))
+            ids = self.__dict__["_boundary_ids"] = frozenset(i for i, s in enumerate(pieces) if not s or not s[-1].isalnum())
+        return ids
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from core_model.cognition import CognitionError
-from core_model.cognition.agency import Goal, content_words, group_words, steering_bias
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core_model.cognition.agency import Goal, SteeringTable, compute_foci, content_words, group_words, steering_bias
 from core_model.config import AgencyConfig
 from core_model.inference import ResoLLMInference
 from core_model.tokenizer import create_default_tokenizer
@@ -80,6 +83,39 @@ def test_steering_bias_continues_goal_words():
     assert steering_bias([g], [32, 111, 99], False, 2.0)[101] == pytest.approx(2 * 2.0 * (1 + 2 / 5))
 
 
+@settings(max_examples=60, deadline=None)
+@given(words=st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=5), min_size=1, max_size=4),
+       covered=st.lists(st.booleans(), min_size=4, max_size=4), stall=st.integers(0, 4),
+       tokens=st.lists(st.integers(0, 5), min_size=1, max_size=60), boundary=st.lists(st.booleans(), min_size=60, max_size=60))
+def test_steering_table_equals_steering_bias(words, covered, stall, tokens, boundary):
+    """The indexed, cached table gives the bias ``steering_bias`` computes, step by step, across goal updates."""
+    V = 6
+    g = Goal(1, "g", "task", 0.7, [0.0], [f"w{i}" for i in range(len(words))], words, [i % 2 == 0 for i in range(len(words))],
+             list(range(len(words))), covered[: len(words)], stall=stall)
+    h = Goal(2, "h", "task", 1.0, [0.0], ["x"], [[3, 1, 3]], [False], [0], [False])
+    table = SteeringTable(V, 1.5, "cpu")
+    table.reset([g, h])
+    for i in range(1, len(tokens) + 1):
+        if i % 8 == 0:  # a goal update: stall and coverage change
+            g.stall, g.covered = min(g.stall + 1, 4), [not c for c in g.covered]
+            table.reset([g, h])
+        tail = tokens[max(0, i - 32):i]
+        expected = torch.zeros(V)
+        for t, b in steering_bias([g, h], tail, boundary[i - 1], 1.5).items():
+            expected[t] = b
+        got = table.bias(tail, boundary[i - 1])
+        assert torch.equal(got if got is not None else torch.zeros(V), expected)
+
+
+def test_compute_foci_keeps_each_targets_best_occurrence_and_breaks_ties_by_position():
+    pieces = [" sea", " and", " sea", " sky", " sun"]
+    ids = [1, 2, 1, 3, 4]
+    surprisal = np.array([1.0, 0.2, 3.0, 2.0, 2.0])
+    foci = compute_foci(pieces, ids, surprisal, np.zeros(5), None, [], lambda t: [], (1.0, 0.0, 0.0), 3, 4.0)
+    assert [(f["target"], f["position"]) for f in foci] == [("sea", 2), ("sky", 3), ("sun", 4)]
+    assert [f["novelty"] for f in foci] == [0.75, 0.5, 0.5]
+
+
 def test_attention_foci_have_the_seed_fields():
     tok = create_default_tokenizer()
     model = tiny()
@@ -145,3 +181,19 @@ def test_agency_switch_and_errors():
     with pytest.raises(CognitionError, match="already active"):
         model.create_goal("second goal here")
     assert group_words(["I", " lo", "ve", " m", "ath", "!"]) == [[0], [1, 2], [3, 4], [5]]
+
+
+def test_batched_surprisal_equals_per_step_log_softmax():
+    from core_model.cognition.decoding import _Surprisal
+
+    g = torch.Generator().manual_seed(0)
+    prompt_logits, prompt = torch.randn(5, 11, generator=g), torch.tensor([1, 4, 2, 7, 3])
+    s = _Surprisal(prompt_logits, prompt, 11)
+    steps = [(torch.randn(11, generator=g), int(t)) for t in (5, 0, 10)]
+    for i, (row, t) in enumerate(steps):
+        s.push(row, t)
+        if i == 1:
+            assert len(s.values(6)) == 6  # a partial read flushes what is pending
+    want = [math.log(11)] + [-float(prompt_logits[i].double().log_softmax(-1)[prompt[i + 1]]) for i in range(4)]
+    want += [-float(r.double().log_softmax(-1)[t]) for r, t in steps]
+    assert np.allclose(s.values(8), want, atol=1e-12)

@@ -115,3 +115,14 @@ def test_config_round_trips_and_rejects_unknown_fields():
     with pytest.raises(ConfigError, match="unknown field"):
         ResoLLMConfig.from_dict({"dimm": 3})
     assert not cfg.uses_phases and cfg.phase_dims_per_head == 0
+
+
+def test_decode_pieces_are_cached_and_boundaries_follow_the_pieces():
+    tok = create_default_tokenizer()
+    ids = tok.encode("Hello, world! Hello again.")
+    first = tok.decode_pieces(ids)
+    assert first == [tok.backend.decode([i]) for i in ids]
+    assert tok.decode_pieces(ids) == first and set(ids) <= tok._pieces.keys()
+    boundary = tok.boundary_ids()
+    assert tok.encode(" ")[0] in boundary and tok.encode(",")[0] in boundary and tok.encode("a")[0] not in boundary
+    assert tok.eos_id in boundary  # a special token decodes to nothing on its own

@@ -94,9 +94,16 @@ class Goal:
                    [int(i) for i in d["word_of"]], [bool(c) for c in d["covered"]], str(d["status"]), float(d["progress"]), int(d["stall"]),
                    None if d["achieved_at"] is None else int(d["achieved_at"]))
 
+    def array(self) -> np.ndarray:
+        """``vector`` as a float64 array (converted once; not a dataclass field, not serialised)."""
+        cached = self.__dict__.get("_array")
+        if cached is None or len(cached) != len(self.vector):
+            cached = self.__dict__["_array"] = np.asarray(self.vector, dtype=np.float64)
+        return cached
+
     def measure(self, mean_hidden: np.ndarray | None, text: str) -> float:
         """``1/2 max(0, cos(m, g)) + 1/2 coverage`` (see module docstring)."""
-        sim = max(0.0, centred_cosine(mean_hidden, np.asarray(self.vector))) if mean_hidden is not None else 0.0
+        sim = max(0.0, centred_cosine(mean_hidden, self.array())) if mean_hidden is not None else 0.0
         return 0.5 * sim + 0.5 * word_coverage(self.words, text)
 
     def update(self, mean_hidden: np.ndarray | None, text: str, threshold: float, step: int) -> bool:
@@ -173,6 +180,69 @@ def steering_bias(goals: list[Goal], tail: list[int], at_boundary: bool, base: f
     return bias
 
 
+class SteeringTable:
+    """``steering_bias`` as a dense (V,) tensor per step, without re-deriving it every step.
+
+    Between two goal updates (the only moments ``stall``, ``covered`` and the goal set change) the
+    bias depends on the tail only through whether the output is at a word boundary and through
+    the longest proper prefix of each goal-token sequence that ends the output. Those prefixes are
+    indexed by their last token, so a step costs a dict lookup and a few tuple comparisons, and
+    the dense tensor of each (goal state, boundary, matched prefixes) is built once.
+    """
+
+    def __init__(self, vocab_size: int, base: float, device) -> None:
+        self.V, self.base, self.device = vocab_size, base, device
+        self.goals: list[Goal] = []
+        self.state: tuple = ()
+        self.prefix_ends: dict[int, list[tuple[int, int, tuple[int, ...]]]] = {}
+        self._dense: dict[tuple, "torch.Tensor | None"] = {}
+
+    def reset(self, goals: list[Goal]) -> None:
+        """Goal states after a goal update; the tables are rebuilt only if they changed."""
+        state = tuple((g.id, g.priority, g.stall, tuple(g.covered)) for g in goals)
+        self.goals = list(goals)
+        if state == self.state:
+            return
+        self.state, self.prefix_ends = state, {}
+        sid = 0
+        for g in self.goals:
+            for i, seq in enumerate(g.word_tokens):
+                sid += 1
+                if g.covered and g.word_of and g.covered[g.word_of[i]]:
+                    continue
+                for k in range(1, len(seq)):
+                    self.prefix_ends.setdefault(seq[k - 1], []).append((sid, k, tuple(seq[:k])))
+
+    def bias(self, tail: list[int], at_boundary: bool) -> "torch.Tensor | None":
+        """The dense bias for the next step (None: no bias), equal to ``steering_bias(goals,
+        tail, at_boundary, base)`` scattered into a (V,) tensor."""
+        if not self.goals:
+            return None
+        matched: tuple = ()
+        candidates = self.prefix_ends.get(tail[-1]) if tail else None
+        if candidates:
+            n = len(tail)
+            hits = {}
+            for sid, k, prefix in candidates:
+                if k <= n and (k == 1 or tuple(tail[-k:]) == prefix) and k > hits.get(sid, 0):
+                    hits[sid] = k
+            matched = tuple(sorted(hits.items()))
+        key = (self.state, at_boundary, matched)  # the dense tensors outlive a goal state (stall returns to 4)
+        if key not in self._dense:
+            bias = steering_bias(self.goals, tail, at_boundary, self.base)
+            dense = None
+            if bias:
+                import torch
+
+                row = np.zeros(self.V, dtype=np.float32)
+                row[list(bias)] = list(bias.values())
+                dense = torch.from_numpy(row).to(self.device)
+            if len(self._dense) >= 512:  # many distinct prefixes: keep the cache bounded
+                self._dense = {}
+            self._dense[key] = dense
+        return self._dense[key]
+
+
 def group_words(pieces: list[str]) -> list[list[int]]:
     """Indices of tokens grouped into words: a word starts after whitespace or punctuation."""
     words: list[list[int]] = []
@@ -194,20 +264,28 @@ def group_words(pieces: list[str]) -> list[list[int]]:
 def compute_foci(pieces: list[str], token_ids: list[int], surprisal: np.ndarray, intensity: np.ndarray,
                  hidden: np.ndarray | None, goals: list[Goal], concepts_in: Callable[[list[int]], list[str]],
                  weights: tuple[float, float, float], max_foci: int, log_v: float) -> list[dict[str, Any]]:
-    """Score the context's words; returns the top ``max_foci`` as dicts without duration."""
+    """Score the context's words; returns the top ``max_foci`` as dicts without duration.
+
+    One focus per target (its most salient occurrence); equal saliences rank the earlier word first.
+    """
     goal_words = {w for g in goals for w in g.words}
-    groups = [idx for idx in group_words(pieces)
-              if (text := "".join(pieces[i] for i in idx).strip()) and any(ch.isalnum() for ch in text)]
+    groups, texts = [], []
+    for idx in group_words(pieces):
+        text = "".join(pieces[i] for i in idx).strip()
+        if text and any(ch.isalnum() for ch in text):
+            groups.append(idx)
+            texts.append(text)
     if not groups:
         return []
-    # Per-word sums over the (contiguous) token runs, from prefix sums: one pass, no per-word numpy.
+    # Per-word sums over the (contiguous, ordered, disjoint) token runs: one reduceat per array.
     first = np.array([idx[0] for idx in groups])
     stop = np.array([idx[-1] + 1 for idx in groups])
     count = stop - first
+    bounds = np.stack([first, stop], axis=1).reshape(-1)  # first_0, stop_0, first_1, ...
 
     def run_sums(x: np.ndarray) -> np.ndarray:
-        c = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x, axis=0, dtype=np.float64)])
-        return c[stop] - c[first]
+        padded = np.concatenate([x, np.zeros((1,) + x.shape[1:], dtype=x.dtype)])  # stop may equal len(x)
+        return np.add.reduceat(padded, bounds, axis=0)[::2].astype(np.float64)
 
     novelty = np.clip(run_sums(np.asarray(surprisal, dtype=np.float64)) / count / log_v, 0.0, 1.0)
     inten_sum = run_sums(np.asarray(intensity, dtype=np.float64))
@@ -215,24 +293,23 @@ def compute_foci(pieces: list[str], token_ids: list[int], surprisal: np.ndarray,
     inten = np.minimum(inten_sum / peak, 1.0) if peak > 0 else np.zeros(len(groups))
     rel = np.zeros(len(groups))
     if hidden is not None and goals:
-        h = run_sums(np.asarray(hidden, dtype=np.float64)) / count[:, None]  # (words, D) means
+        h = run_sums(np.asarray(hidden)) / count[:, None]  # (words, D) means
         g = np.asarray([g.vector for g in goals], dtype=np.float64)  # (goals, D)
         norms = np.linalg.norm(h, axis=1)[:, None] * np.linalg.norm(g, axis=1)[None, :]
         cos = np.divide(h @ g.T, norms, out=np.zeros_like(norms), where=norms > 0)
         rel = np.maximum(cos.max(1), 0.0)
-    scored = []
-    for j, idx in enumerate(groups):
-        text = "".join(pieces[i] for i in idx).strip()
-        concepts = concepts_in([token_ids[i] for i in idx])
-        in_goal = text.lower() in goal_words
-        r = 1.0 if in_goal else float(rel[j])
-        kind, target = ("concept", "+".join(concepts)) if concepts else (("goal" if in_goal else "token"), text)
-        sal = weights[0] * float(novelty[j]) + weights[1] * r + weights[2] * float(inten[j])
-        scored.append(dict(type=kind, target=target, intensity=float(inten[j]), novelty=float(novelty[j]),
-                           relevance=r, salience=sal, position=idx[-1]))
+    in_goal = np.array([t.lower() in goal_words for t in texts])
+    rel = np.where(in_goal, 1.0, rel)
+    salience = weights[0] * novelty + weights[1] * rel + weights[2] * inten
     best: dict[str, dict[str, Any]] = {}
-    for f in scored:  # one focus per target: keep its most salient occurrence
-        key = f"{f['type']}:{f['target']}"
-        if key not in best or f["salience"] > best[key]["salience"]:
-            best[key] = f
-    return sorted(best.values(), key=lambda f: -f["salience"])[:max_foci]
+    for j in np.argsort(-salience, kind="stable"):  # most salient first; a target's first hit is its best
+        idx = groups[j]
+        concepts = concepts_in([token_ids[i] for i in idx])
+        kind, target = ("concept", "+".join(concepts)) if concepts else (("goal" if in_goal[j] else "token"), texts[j])
+        key = f"{kind}:{target}"
+        if key not in best:
+            best[key] = dict(type=kind, target=target, intensity=float(inten[j]), novelty=float(novelty[j]),
+                             relevance=float(rel[j]), salience=float(salience[j]), position=idx[-1])
+            if len(best) == max_foci:
+                break
+    return list(best.values())

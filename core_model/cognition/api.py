@@ -113,7 +113,7 @@ class ConceptInput:
             return None
         out = None
         for pos in range(start, len(context)):
-            names = self.store.ending_at(context[: pos + 1])
+            names = self.store.ending_at(context, pos + 1)
             if names:
                 if out is None:
                     out = torch.zeros(len(context) - start, self.proj.out_features, dtype=self.proj.weight.dtype,

@@ -21,7 +21,7 @@ import torch
 
 from ..fused import phase_kernel
 from ..generation import SamplingParams, sample_next
-from .agency import compute_foci, steering_bias
+from .agency import SteeringTable, compute_foci
 from .api import ConceptInput, memory_offset, reference_hidden
 from .lyapunov import LyapunovTwin
 from .resonance import StochasticResonance
@@ -43,11 +43,6 @@ class DecodeTrace:
     elapsed_ms: float = 0.0
 
 
-def _logsumexp(z: np.ndarray) -> float:
-    m = float(z.max())
-    return m + math.log(float(np.exp(z - m).sum()))
-
-
 def _entropy(z: np.ndarray) -> float:
     """``H = -sum p ln p`` of ``softmax(z)``: ``logsumexp(z) - sum p z`` (nan if z is not finite)."""
     if not np.isfinite(z).all():
@@ -55,6 +50,38 @@ def _entropy(z: np.ndarray) -> float:
     e = np.exp(z - z.max())
     s = float(e.sum())
     return math.log(s) + float(z.max()) - float(np.dot(e, z)) / s
+
+
+class _Surprisal:
+    """Surprisal ``-ln p(x_t | x_<t)`` of every context token under the model's raw logits (no
+    goal bias, no temperature), ``ln V`` for the first; the generated tokens' values are computed
+    in batches, when the foci read them (in float64, like a per-step ``logsumexp``)."""
+
+    def __init__(self, prompt_logits: torch.Tensor, prompt_ids: torch.Tensor, V: int) -> None:
+        logp = prompt_logits.double().log_softmax(-1)  # (T0, V)
+        self.done = np.concatenate([[math.log(V)], (-logp[:-1].gather(1, prompt_ids[1:, None])[:, 0]).cpu().numpy()])
+        self.rows: list[torch.Tensor] = []  # raw logits (V,) of the steps not computed yet
+        self.tokens: list[int] = []
+
+    def push(self, raw_logits: torch.Tensor, token: int) -> None:
+        self.rows.append(raw_logits)
+        self.tokens.append(token)
+
+    def values(self, n: int) -> np.ndarray:
+        """The first ``n`` surprisals, (n,) float64."""
+        if self.rows and len(self.done) < n:
+            z = torch.stack(self.rows).double()
+            picked = z.gather(1, torch.tensor(self.tokens, device=z.device)[:, None])[:, 0]
+            self.done = np.concatenate([self.done, (z.logsumexp(-1) - picked).cpu().numpy()])
+            self.rows, self.tokens = [], []
+        return self.done[:n]
+
+
+def _add_rows(total: torch.Tensor, rows: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """``total`` plus the sum of the (1, D) hidden rows ``rows[start:stop]`` (float32)."""
+    if stop <= start:
+        return total
+    return total + torch.cat(rows[start:stop]).float().sum(0)
 
 
 class _AttentionProbe:
@@ -144,28 +171,26 @@ class CognitiveDecoder:
                 twin.fork(cache)
             controller = TemperatureController(cfg.stability, params.temperature)
             if agency_on:
-                logp = out.logits[0].float().log_softmax(-1)  # (T0, V)
-                surprisal = [math.log(V)] + (-logp[:-1].gather(1, ids[0, 1:, None])[:, 0]).tolist()
-                hidden_rows = [out.hidden[0].float()]
+                surprisal = _Surprisal(out.logits[0], ids[0], V)
+                hidden_rows = [out.hidden[0]]  # (T0, D), then one (1, D) per token fed back
                 pieces: list[str] = []  # decoded lazily, at the foci updates
                 ref = reference_hidden(model) if goals else None
                 gen_sum = torch.zeros(model.config.dim, device=device)
-                fed = 0  # generated tokens fed back (their hidden states are in gen_sum)
+                fed = summed = 0  # generated tokens fed back; how many of them gen_sum holds
                 self._update_foci(probe, cache, prompt_ids, pieces, surprisal, hidden_rows, run_goals, 0)
             generator = torch.Generator(device=device).manual_seed(seed)
             history = torch.tensor([prompt_ids], device=device) if params.repetition_penalty != 1.0 else None
-            boundary_ids = self._boundary_ids() if goals else None
+            boundary_ids = self.tok.boundary_ids() if goals else None
+            steering = SteeringTable(V, cfg.agency.goal_bias, device)
+            steering.reset(goals)
             context = list(prompt_ids)
             for step in range(max_new):
                 raw = out.logits[0, -1].float()
                 logits = raw
                 if goals:
-                    at_boundary = context[-1] in boundary_ids
-                    bias = steering_bias(goals, context[-32:], at_boundary, cfg.agency.goal_bias)
-                    if bias:  # one dense add: fewer kernels than a clone and an indexed add
-                        dense = np.zeros(V, dtype=np.float32)
-                        dense[list(bias)] = list(bias.values())
-                        logits = raw + torch.from_numpy(dense).to(device)
+                    dense = steering.bias(context[-32:], context[-1] in boundary_ids)
+                    if dense is not None:  # one dense add: fewer kernels than a clone and an indexed add
+                        logits = raw + dense
                 temp = controller.temperature if stab_on else params.temperature
                 nxt = int(sample_next(logits[None], params, generator, history, temperature=temp)[0])
                 z = logits.cpu().numpy().astype(np.float64)  # numpy: a few us for V floats
@@ -190,8 +215,7 @@ class CognitiveDecoder:
                 if history is not None:
                     history = torch.cat([history, torch.tensor([[nxt]], device=device)], dim=1)
                 if agency_on:
-                    r = z if logits is raw else z - dense
-                    surprisal.append(_logsumexp(r) - float(r[nxt]))
+                    surprisal.push(raw, nxt)
                 last = step == max_new - 1 or nxt in stop_ids
                 if stab_on and halt and step + 1 >= cfg.stability.min_tokens_before_halt \
                         and tracker.state.label in (CHAOTIC, DIVERGENT):
@@ -209,20 +233,20 @@ class CognitiveDecoder:
                 if twin is not None:
                     twin.step(nxt, step_offset, cache, out.hidden, noise)
                 if agency_on:
-                    h = out.hidden[0, -1].float()
-                    hidden_rows.append(h[None])
+                    hidden_rows.append(out.hidden[0])
                     fed += 1
-                    if goals:
-                        gen_sum += h
                     if goals and (step + 1) % cfg.agency.update_every == 0:
+                        gen_sum, summed = _add_rows(gen_sum, hidden_rows, 1 + summed, 1 + fed), fed
                         goals = self._update_goals(goals, gen_sum, fed, ref, trace)
+                        steering.reset(goals)
                     if (step + 1) % cfg.agency.foci_every == 0:  # nothing in decoding reads the foci
                         self._update_foci(probe, cache, context, pieces, surprisal, hidden_rows, run_goals, step + 1)
             if agency_on:
                 n = len(trace.tokens)
                 if goals:
+                    gen_sum = _add_rows(gen_sum, hidden_rows, 1 + summed, 1 + fed)
                     self._update_goals(goals, gen_sum, fed, ref, trace)
-                self._update_foci(probe, cache, context[:-1], pieces, surprisal[:-1], hidden_rows, run_goals, n)
+                self._update_foci(probe, cache, context[:-1], pieces, surprisal, hidden_rows, run_goals, n)
             if twin is not None:
                 # the worker must finish before the model is free again; a window read after the
                 # last step updates the final exponent (not the per-step trace)
@@ -255,15 +279,6 @@ class CognitiveDecoder:
             off = off + mem
         return off.unsqueeze(0).expand(B, -1, -1)
 
-    def _boundary_ids(self) -> frozenset[int]:
-        cached = self.session.derived("boundary_ids")
-        if cached is None or cached[0] is not self.tok:
-            ids = frozenset(i for i in range(self.tok.vocab_size)
-                            if (lambda s: not s or not s[-1].isalnum())(self.tok.decode([i], skip_special_tokens=False)))
-            cached = (self.tok, ids)
-            self.session.set_derived("boundary_ids", cached)
-        return cached[1]
-
     def _update_goals(self, goals, gen_sum, n, ref, trace: DecodeTrace):
         mean = gen_sum.cpu().numpy() / n - ref if n > 0 else None
         text = self.tok.decode(trace.tokens)
@@ -284,12 +299,12 @@ class CognitiveDecoder:
             pieces.extend(self.tok.decode_pieces(context[len(pieces):L]))
         intensity = probe.last_query_mass(cache.layers[-1], L, cache.key_valid) if probe.q is not None \
             else np.zeros(L)
-        hidden = torch.cat(hidden_rows)[:L].cpu().numpy()
+        hidden = torch.cat(hidden_rows)[:L].float().cpu().numpy()
         if goals:
             hidden = hidden - reference_hidden(self.model)
         store = self.session.concepts
         concepts_in = store.occurring_in if len(store) else (lambda ids: [])
-        scored = compute_foci(pieces[:L], context, np.asarray(surprisal[:L]), intensity[:L], hidden, goals,
+        scored = compute_foci(pieces[:L], context, surprisal.values(L), intensity[:L], hidden, goals,
                               concepts_in, (cfg.novelty_weight, cfg.relevance_weight, cfg.intensity_weight),
                               cfg.max_foci, math.log(self.model.config.vocab_size))
         agency = self.session.agency

@@ -32,6 +32,7 @@ in the main trajectory gives no exponent (the twin does not replay the noise).
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,10 +40,18 @@ import numpy as np
 import torch
 
 from ..config import StabilityConfig
+from ..derived import derived
 from ..feedforward import noise_suppressed
 from .stability import PredictiveStability
 
 LAG = 8  # steps between starting a window's forward on the worker thread and reading its exponent
+_twin = threading.local()
+
+
+def in_twin_forward() -> bool:
+    """Whether the calling thread is inside a twin's window forward (for instrumentation: a
+    benchmark that times the main trajectory's forwards leaves these out)."""
+    return getattr(_twin, "on", False)
 
 
 @dataclass
@@ -107,8 +116,9 @@ class LyapunovTwin:
         p = next(self.model.parameters())
         gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919 + 104_729 * self.windows)
         xi = torch.randn(1, 1, self.model.config.dim, generator=gen).to(device=p.device, dtype=p.dtype)
-        rms = float(self.model.embed.semantic.weight.detach().pow(2).mean().sqrt())
-        return self.perturbation_size * rms * xi
+        w = self.model.embed.semantic.weight
+        rms = derived(self.model.embed, "_semantic_rms", (w,), lambda: w.detach().pow(2).mean().sqrt())
+        return self.perturbation_size * float(rms) * xi
 
     def step(self, token: int, offset: torch.Tensor | None, main_cache, main_hidden: torch.Tensor, noise: bool) -> None:
         """The main trajectory just read ``token`` (with input ``offset`` (1, 1, D), under SR noise
@@ -162,8 +172,12 @@ class LyapunovTwin:
     def _forward(self, cache, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """The twin reads ``ids`` on ``cache``: its final hidden states (W, D). Runs on the worker
         thread when there is one."""
-        with torch.inference_mode(), noise_suppressed():
-            return self.model(ids, cache=cache, input_offsets=offsets, last_only=True).hidden[0].float()
+        _twin.on = True
+        try:
+            with torch.inference_mode(), noise_suppressed():
+                return self.model(ids, cache=cache, input_offsets=offsets, last_only=True).hidden[0].float()
+        finally:
+            _twin.on = False
 
     def _finish(self) -> None:
         run, self.running = self.running, None

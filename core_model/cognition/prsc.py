@@ -126,12 +126,14 @@ class ConceptStore:
     def is_coherent(self, *names: str) -> bool:
         return self.coherence(*names) >= self.coherence_threshold
 
-    def ending_at(self, context: list[int]) -> list[str]:
-        """Names of the concepts whose whole token sequence ends ``context`` (an occurrence)."""
+    def ending_at(self, context: list[int], end: int | None = None) -> list[str]:
+        """Names of the concepts whose whole token sequence ends ``context[:end]`` (an occurrence)."""
         index = self._index()
-        if not context or context[-1] not in index:
+        end = len(context) if end is None else end
+        if end <= 0 or context[end - 1] not in index:
             return []
-        return [name for name, seq in index[context[-1]] if context[-len(seq):] == seq]
+        return [name for name, seq in index[context[end - 1]]
+                if len(seq) <= end and context[end - len(seq):end] == seq]
 
     def occurring_in(self, token_ids: list[int]) -> list[str]:
         """Names of the concepts whose token sequence occurs anywhere in ``token_ids``."""

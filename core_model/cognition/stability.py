@@ -40,8 +40,14 @@ def detect_period(tokens: list[int], window: int) -> int | None:
     So the last ``window + p`` tokens hold at least three full cycles of length ``p``.
     """
     n = len(tokens)
-    for p in range(1, window // 2 + 1):
-        if n >= window + p and tokens[n - window:] == tokens[n - window - p:n - p]:
+    if n <= window:
+        return None
+    last, longest = tokens[-1], min(window // 2, n - window)
+    if last not in tokens[n - 1 - longest:n - 1]:  # no period without the last token repeating
+        return None
+    for p in range(1, longest + 1):
+        # the last token must repeat first: most periods fail here without slicing the window
+        if tokens[-1 - p] == last and tokens[n - window:] == tokens[n - window - p:n - p]:
             return p
     return None
 
@@ -122,6 +128,8 @@ class PredictiveStability:
         self.warnings: list[str] = []
         self._nonfinite = False
         self._slope, self._slope_at = 0.0, (0, 0.0)
+        self._observed = 0  # exponents appended so far
+        self._estimated_at = -1  # the value of ``_observed`` when the estimate was last computed
 
     # --- feeding ------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,6 +138,7 @@ class PredictiveStability:
         self.positions.clear()
         self.warnings = []
         self._nonfinite = False
+        self._observed, self._estimated_at = 0, -1
 
     def observe_exponent(self, exponent: float, position: int) -> None:
         """A local exponent measured by the twin over a window that ended at step count
@@ -139,6 +148,7 @@ class PredictiveStability:
             return
         self.exponents.append(exponent)
         self.positions.append(position)
+        self._observed += 1
 
     def refresh(self) -> StabilityState:
         """Recompute the exponent estimate from the exponents observed so far (after the last
@@ -154,8 +164,10 @@ class PredictiveStability:
         if not finite or not math.isfinite(entropy):
             self._nonfinite = True
         s.entropy_norm = entropy / self.log_v if math.isfinite(entropy) else None
-        s.lyapunov = self._estimate()
-        s.local_exponents = list(self.exponents)
+        if self._estimated_at != self._observed:  # the estimate changes with a new exponent only
+            s.lyapunov = self._estimate()
+            s.local_exponents = list(self.exponents)
+            self._estimated_at = self._observed
         s.period = detect_period(tokens, c.window)
         previous = s.label
         if self._nonfinite or s.lyapunov > 10 * c.lyapunov_threshold:
