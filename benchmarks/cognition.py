@@ -16,7 +16,10 @@
    time its main trajectory spent in model forwards, against the same for all off. It counts
    every cost outside those forwards (bookkeeping, the twin's window forwards, waiting for
    them) and assumes the main trajectory's forwards cost the same in both, which they do in
-   kernels (the same calls plus one input-offset add).
+   kernels (the same calls plus one input-offset add). A twin on its worker thread breaks that
+   assumption (while its window forward runs, the main forwards slow down: the GIL and the
+   cores are shared), so for "all on (defaults)" this column is a lower bound of the cost;
+   the other rows run nothing concurrently (windows back to back run in the calling thread).
 2. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
    byte tokenizer, inside this script): share of repeated 4-grams of the generations with SR off
    and on at the same fixed temperature, next to the same statistic of real text, and the mean

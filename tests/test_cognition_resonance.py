@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from core_model.cognition.resonance import RepetitionDetector, repeated_ngram_share
@@ -31,6 +33,17 @@ def test_repetition_score():
     for t in [5] * 20:
         det.push(t)
     assert len(det.tokens) == 8 and det.score() == pytest.approx(4 / 5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(tokens=st.lists(st.integers(0, 3), max_size=120), window=st.integers(1, 40), n=st.integers(1, 5))
+def test_sliding_repetition_score_equals_the_share_of_its_window(tokens, window, n):
+    det = RepetitionDetector(window=window, n=n)
+    for i, t in enumerate(tokens):
+        det.push(t)
+        assert list(det.tokens) == tokens[max(0, i + 1 - window):i + 1]
+        assert det.score() == repeated_ngram_share(list(det.tokens), n)
+    assert RepetitionDetector(window, n, tokens).score() == det.score()
 
 
 def test_noise_breaks_a_greedy_loop_only_when_enabled():

@@ -11,7 +11,7 @@ When ``rep > threshold`` (and stochastic resonance is enabled) every block's FFN
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from typing import Iterable
 
 import torch
@@ -36,20 +36,45 @@ def repeated_ngram_share(tokens: list[int], n: int = 4) -> float:
 
 
 class RepetitionDetector:
-    """Sliding window of the last ``window`` tokens with its repetition score."""
+    """Sliding window of the last ``window`` tokens with its repetition score.
+
+    The window's n-grams are counted as tokens enter and leave it, so ``score`` is
+    ``(#n-grams - #distinct n-grams) / #n-grams`` in O(1), equal to
+    ``repeated_ngram_share(list(tokens), n)``.
+    """
 
     def __init__(self, window: int = 32, n: int = 4, tokens: Iterable[int] = ()) -> None:
         self.n = n
-        self.tokens: deque[int] = deque(tokens, maxlen=window)
+        self.window = window
+        self.tokens: deque[int] = deque()
+        self._grams: Counter[tuple[int, ...]] = Counter()
+        for t in tokens:
+            self.push(t)
 
     def push(self, token: int) -> None:
-        self.tokens.append(int(token))
+        n, tokens = self.n, self.tokens
+        if len(tokens) == self.window:  # the oldest token leaves, and with it the oldest n-gram
+            if len(tokens) >= n:
+                oldest = tuple(tokens[i] for i in range(n))
+                left = self._grams[oldest] - 1
+                if left:
+                    self._grams[oldest] = left
+                else:
+                    del self._grams[oldest]
+            tokens.popleft()
+        tokens.append(int(token))
+        if len(tokens) >= n:
+            self._grams[tuple(tokens[i] for i in range(len(tokens) - n, len(tokens)))] += 1
 
     def score(self) -> float:
-        return repeated_ngram_share(list(self.tokens), self.n)
+        if len(self.tokens) < self.n + 1:
+            return 0.0
+        total = len(self.tokens) - self.n + 1
+        return (total - len(self._grams)) / total
 
     def clear(self) -> None:
         self.tokens.clear()
+        self._grams.clear()
 
 
 class StochasticResonance:
