@@ -188,7 +188,7 @@ def test_batched_surprisal_equals_per_step_log_softmax():
 
     g = torch.Generator().manual_seed(0)
     prompt_logits, prompt = torch.randn(5, 11, generator=g), torch.tensor([1, 4, 2, 7, 3])
-    s = _Surprisal(prompt_logits, prompt, 11)
+    s = _Surprisal(prompt_logits, prompt, 11, 3)
     steps = [(torch.randn(11, generator=g), int(t)) for t in (5, 0, 10)]
     for i, (row, t) in enumerate(steps):
         s.push(row, t)

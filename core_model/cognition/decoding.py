@@ -55,33 +55,50 @@ def _entropy(z: np.ndarray) -> float:
 class _Surprisal:
     """Surprisal ``-ln p(x_t | x_<t)`` of every context token under the model's raw logits (no
     goal bias, no temperature), ``ln V`` for the first; the generated tokens' values are computed
-    in batches, when the foci read them (in float64, like a per-step ``logsumexp``)."""
+    in batches, when the foci read them (in float64, like a per-step ``logsumexp``). Each step's
+    logits row is copied into a buffer allocated once, so no step's output tensors stay alive."""
 
-    def __init__(self, prompt_logits: torch.Tensor, prompt_ids: torch.Tensor, V: int) -> None:
+    def __init__(self, prompt_logits: torch.Tensor, prompt_ids: torch.Tensor, V: int, steps: int) -> None:
         logp = prompt_logits.double().log_softmax(-1)  # (T0, V)
         self.done = np.concatenate([[math.log(V)], (-logp[:-1].gather(1, prompt_ids[1:, None])[:, 0]).cpu().numpy()])
-        self.rows: list[torch.Tensor] = []  # raw logits (V,) of the steps not computed yet
+        self.rows = torch.empty(max(steps, 1), V, device=prompt_logits.device)  # raw logits of the steps
         self.tokens: list[int] = []
+        self.computed = 0  # steps whose surprisal is in ``done``
 
     def push(self, raw_logits: torch.Tensor, token: int) -> None:
-        self.rows.append(raw_logits)
+        self.rows[len(self.tokens)].copy_(raw_logits)
         self.tokens.append(token)
 
     def values(self, n: int) -> np.ndarray:
         """The first ``n`` surprisals, (n,) float64."""
-        if self.rows and len(self.done) < n:
-            z = torch.stack(self.rows).double()
-            picked = z.gather(1, torch.tensor(self.tokens, device=z.device)[:, None])[:, 0]
+        if len(self.done) < n and self.computed < len(self.tokens):
+            z = self.rows[self.computed:len(self.tokens)].double()
+            picked = z.gather(1, torch.tensor(self.tokens[self.computed:], device=z.device)[:, None])[:, 0]
             self.done = np.concatenate([self.done, (z.logsumexp(-1) - picked).cpu().numpy()])
-            self.rows, self.tokens = [], []
+            self.computed = len(self.tokens)
         return self.done[:n]
 
 
-def _add_rows(total: torch.Tensor, rows: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
-    """``total`` plus the sum of the (1, D) hidden rows ``rows[start:stop]`` (float32)."""
-    if stop <= start:
-        return total
-    return total + torch.cat(rows[start:stop]).float().sum(0)
+class _HiddenTrail:
+    """The final hidden states of the context: the prompt's (T0, D), then one row per token fed
+    back, copied into a buffer allocated once (the foci and the goals read them)."""
+
+    def __init__(self, prompt_hidden: torch.Tensor, steps: int) -> None:
+        self.prompt = prompt_hidden.float()
+        self.gen = torch.empty(max(steps, 1), prompt_hidden.shape[-1], device=prompt_hidden.device)
+        self.fed = 0
+
+    def push(self, hidden: torch.Tensor) -> None:
+        self.gen[self.fed].copy_(hidden)
+        self.fed += 1
+
+    def sum(self, start: int, stop: int) -> torch.Tensor:
+        """Sum of the generated rows ``start:stop`` (D,)."""
+        return self.gen[start:stop].sum(0)
+
+    def rows(self, n: int) -> np.ndarray:
+        """The first ``n`` context rows, (n, D) float32."""
+        return torch.cat([self.prompt, self.gen[:self.fed]])[:n].cpu().numpy()
 
 
 class _AttentionProbe:
@@ -171,8 +188,8 @@ class CognitiveDecoder:
                 twin.fork(cache)
             controller = TemperatureController(cfg.stability, params.temperature)
             if agency_on:
-                surprisal = _Surprisal(out.logits[0], ids[0], V)
-                hidden_rows = [out.hidden[0]]  # (T0, D), then one (1, D) per token fed back
+                surprisal = _Surprisal(out.logits[0], ids[0], V, max_new)
+                hidden_rows = _HiddenTrail(out.hidden[0], max_new)
                 pieces: list[str] = []  # decoded lazily, at the foci updates
                 ref = reference_hidden(model) if goals else None
                 gen_sum = torch.zeros(model.config.dim, device=device)
@@ -233,10 +250,10 @@ class CognitiveDecoder:
                 if twin is not None:
                     twin.step(nxt, step_offset, cache, out.hidden, noise)
                 if agency_on:
-                    hidden_rows.append(out.hidden[0])
+                    hidden_rows.push(out.hidden[0, -1])
                     fed += 1
                     if goals and (step + 1) % cfg.agency.update_every == 0:
-                        gen_sum, summed = _add_rows(gen_sum, hidden_rows, 1 + summed, 1 + fed), fed
+                        gen_sum, summed = gen_sum + hidden_rows.sum(summed, fed), fed
                         goals = self._update_goals(goals, gen_sum, fed, ref, trace)
                         steering.reset(goals)
                     if (step + 1) % cfg.agency.foci_every == 0:  # nothing in decoding reads the foci
@@ -244,7 +261,7 @@ class CognitiveDecoder:
             if agency_on:
                 n = len(trace.tokens)
                 if goals:
-                    gen_sum = _add_rows(gen_sum, hidden_rows, 1 + summed, 1 + fed)
+                    gen_sum = gen_sum + hidden_rows.sum(summed, fed)
                     self._update_goals(goals, gen_sum, fed, ref, trace)
                 self._update_foci(probe, cache, context[:-1], pieces, surprisal, hidden_rows, run_goals, n)
             if twin is not None:
@@ -299,7 +316,7 @@ class CognitiveDecoder:
             pieces.extend(self.tok.decode_pieces(context[len(pieces):L]))
         intensity = probe.last_query_mass(cache.layers[-1], L, cache.key_valid) if probe.q is not None \
             else np.zeros(L)
-        hidden = torch.cat(hidden_rows)[:L].float().cpu().numpy()
+        hidden = hidden_rows.rows(L)
         if goals:
             hidden = hidden - reference_hidden(self.model)
         store = self.session.concepts
