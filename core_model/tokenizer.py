@@ -58,6 +58,7 @@ class ResoTokenizer:
         self.special_ids = frozenset(backend.token_to_id(t) for t in SPECIAL_TOKENS)
         self._literal_lock = threading.Lock()
         self._pieces: dict[int, str] = {}  # token id -> the token decoded on its own (decode_pieces)
+        self._boundary_ids: frozenset[int] | None = None  # boundary_ids(), computed on first use
 
     # --- sizes and primes -------------------------------------------------------------
     @property
@@ -101,11 +102,10 @@ class ResoTokenizer:
     def boundary_ids(self) -> frozenset[int]:
         """Ids of the tokens after which a word boundary lies: those whose piece is empty or does
         not end in a letter or digit (computed once per tokenizer)."""
-        ids = self.__dict__.get("_boundary_ids")
-        if ids is None:
+        if self._boundary_ids is None:
             pieces = self.decode_pieces(range(self.vocab_size))
-            ids = self.__dict__["_boundary_ids"] = frozenset(i for i, s in enumerate(pieces) if not s or not s[-1].isalnum())
-        return ids
+            self._boundary_ids = frozenset(i for i, s in enumerate(pieces) if not s or not s[-1].isalnum())
+        return self._boundary_ids
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

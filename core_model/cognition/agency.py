@@ -294,7 +294,7 @@ def compute_foci(pieces: list[str], token_ids: list[int], surprisal: np.ndarray,
     rel = np.zeros(len(groups))
     if hidden is not None and goals:
         h = run_sums(np.asarray(hidden)) / count[:, None]  # (words, D) means
-        g = np.asarray([g.vector for g in goals], dtype=np.float64)  # (goals, D)
+        g = np.stack([g.array() for g in goals])  # (goals, D)
         norms = np.linalg.norm(h, axis=1)[:, None] * np.linalg.norm(g, axis=1)[None, :]
         cos = np.divide(h @ g.T, norms, out=np.zeros_like(norms), where=norms > 0)
         rel = np.maximum(cos.max(1), 0.0)

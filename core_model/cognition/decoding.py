@@ -92,9 +92,9 @@ class _HiddenTrail:
         self.gen[self.fed].copy_(hidden)
         self.fed += 1
 
-    def sum(self, start: int, stop: int) -> torch.Tensor:
-        """Sum of the generated rows ``start:stop`` (D,)."""
-        return self.gen[start:stop].sum(0)
+    def generated_sum(self) -> torch.Tensor:
+        """Sum of the rows of the tokens fed back so far (D,)."""
+        return self.gen[:self.fed].sum(0)
 
     def rows(self, n: int) -> np.ndarray:
         """The first ``n`` context rows, (n, D) float32."""
@@ -192,8 +192,6 @@ class CognitiveDecoder:
                 hidden_rows = _HiddenTrail(out.hidden[0], max_new)
                 pieces: list[str] = []  # decoded lazily, at the foci updates
                 ref = reference_hidden(model) if goals else None
-                gen_sum = torch.zeros(model.config.dim, device=device)
-                fed = summed = 0  # generated tokens fed back; how many of them gen_sum holds
                 self._update_foci(probe, cache, prompt_ids, pieces, surprisal, hidden_rows, run_goals, 0)
             generator = torch.Generator(device=device).manual_seed(seed)
             history = torch.tensor([prompt_ids], device=device) if params.repetition_penalty != 1.0 else None
@@ -251,18 +249,15 @@ class CognitiveDecoder:
                     twin.step(nxt, step_offset, cache, out.hidden, noise)
                 if agency_on:
                     hidden_rows.push(out.hidden[0, -1])
-                    fed += 1
                     if goals and (step + 1) % cfg.agency.update_every == 0:
-                        gen_sum, summed = gen_sum + hidden_rows.sum(summed, fed), fed
-                        goals = self._update_goals(goals, gen_sum, fed, ref, trace)
+                        goals = self._update_goals(goals, hidden_rows, ref, trace)
                         steering.reset(goals)
                     if (step + 1) % cfg.agency.foci_every == 0:  # nothing in decoding reads the foci
                         self._update_foci(probe, cache, context, pieces, surprisal, hidden_rows, run_goals, step + 1)
             if agency_on:
                 n = len(trace.tokens)
                 if goals:
-                    gen_sum = gen_sum + hidden_rows.sum(summed, fed)
-                    self._update_goals(goals, gen_sum, fed, ref, trace)
+                    self._update_goals(goals, hidden_rows, ref, trace)
                 self._update_foci(probe, cache, context[:-1], pieces, surprisal, hidden_rows, run_goals, n)
             if twin is not None:
                 # the worker must finish before the model is free again; a window read after the
@@ -296,8 +291,9 @@ class CognitiveDecoder:
             off = off + mem
         return off.unsqueeze(0).expand(B, -1, -1)
 
-    def _update_goals(self, goals, gen_sum, n, ref, trace: DecodeTrace):
-        mean = gen_sum.cpu().numpy() / n - ref if n > 0 else None
+    def _update_goals(self, goals, hidden: _HiddenTrail, ref, trace: DecodeTrace):
+        n = hidden.fed
+        mean = hidden.generated_sum().cpu().numpy() / n - ref if n > 0 else None
         text = self.tok.decode(trace.tokens)
         step = self.session.step + len(trace.tokens)
         for g in goals:
