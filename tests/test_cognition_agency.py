@@ -135,8 +135,9 @@ def test_attention_foci_have_the_seed_fields():
 
 def test_last_query_attention_matches_explicit_scores():
     """The probe's attention mass equals softmax of the module's own explicit scores (last row),
-    after a prefill and after a cached decoding step (the fused path when it is built)."""
-    from core_model.cognition.decoding import _AttentionProbe
+    after a prefill and after a cached decoding step (the fused path when it is built), also when
+    read later, as the foci are: a recorded moment's query over a cache that has grown since."""
+    from core_model.cognition.decoding import _AttentionProbe, _FociMoment
 
     model = tiny()
     attn = model.blocks[-1].attn
@@ -161,10 +162,13 @@ def test_last_query_attention_matches_explicit_scores():
     with torch.inference_mode():
         model(ids, cache=cache)
         probe.capture()
-        mass = probe.last_query_mass(cache.layers[-1], 8, None)
+        after_prefill = _FociMoment.now(probe, 8, 0)
         model(torch.tensor([[44]]), cache=cache)  # one cached step
         probe.capture()
-        mass_step = probe.last_query_mass(cache.layers[-1], 9, None)
+        after_step = _FociMoment.now(probe, 9, 1)
+        model(torch.tensor([[45]]), cache=cache)  # the cache grows on after both moments
+        mass = after_prefill.intensity(cache.layers[-1], None)
+        mass_step = after_step.intensity(cache.layers[-1], None)
     probe.remove()
     assert attn.last_query is None and not attn.record_query
     assert mass.shape == (8,) and math.isclose(float(mass.sum()), 1.0, rel_tol=1e-5)

@@ -5,8 +5,13 @@ One forward per step, as in ``core_model.generation``: prefill ``model(ids, cach
 the cache right after the prefill and then every ``lyapunov_every`` steps.
 
 Attention intensity for the foci is the last layer's attention of the latest query over the
-cached keys (the query recorded by that attention module, see ``_AttentionProbe``; computed only
-at the foci updates).
+cached keys (the query recorded by that attention module, see ``_AttentionProbe``).
+
+Nothing in decoding reads the foci, so a foci update during the loop only records its moment
+(the context length, a copy of that query, the step); the foci of every moment are computed
+after the last step, in order, from what each moment saw: the cache only appends, so keys, hidden
+states, surprisals and word pieces before a moment's length are the same then as at the end.
+The result is the same as computing them in the loop, without that work in the loop.
 """
 
 from __future__ import annotations
@@ -122,15 +127,15 @@ class _AttentionProbe:
         self.attn.record_query = None
         self.attn.last_query = None
 
-    @torch.no_grad()
-    def last_query_mass(self, cache_layer, length: int, key_valid: torch.Tensor | None) -> np.ndarray:
-        """softmax(q_last . k / sqrt(d)) over the cached keys, averaged over heads: (length,)."""
-        q = self.q[:1, :, -1:]  # (1, H, 1, d)
-        k = cache_layer.k[:1, :, :length]
-        scores = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # (1, H, L)
-        if key_valid is not None:
-            scores = scores.masked_fill(~key_valid[:1, None, :length], float("-inf"))
-        return scores.float().softmax(-1).mean(1)[0].cpu().numpy()
+
+def last_query_mass(q: torch.Tensor, cache_layer, length: int, key_valid: torch.Tensor | None) -> np.ndarray:
+    """softmax(q . k / sqrt(d)) of one query q (1, H, 1, d) over the first ``length`` cached
+    keys, averaged over heads: (length,)."""
+    k = cache_layer.k[:1, :, :length]
+    scores = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # (1, H, L)
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid[:1, None, :length], float("-inf"))
+    return scores.float().softmax(-1).mean(1)[0].cpu().numpy()
 
 
 class CognitiveDecoder:
@@ -190,9 +195,8 @@ class CognitiveDecoder:
             if agency_on:
                 surprisal = _Surprisal(out.logits[0], ids[0], V, max_new)
                 hidden_rows = _HiddenTrail(out.hidden[0], max_new)
-                pieces: list[str] = []  # decoded lazily, at the foci updates
                 ref = reference_hidden(model) if goals else None
-                self._update_foci(probe, cache, prompt_ids, pieces, surprisal, hidden_rows, run_goals, 0)
+                moments = [_FociMoment.now(probe, T0, 0)]  # computed after the last step
             generator = torch.Generator(device=device).manual_seed(seed)
             history = torch.tensor([prompt_ids], device=device) if params.repetition_penalty != 1.0 else None
             boundary_ids = self.tok.boundary_ids() if goals else None
@@ -252,13 +256,14 @@ class CognitiveDecoder:
                     if goals and (step + 1) % cfg.agency.update_every == 0:
                         goals = self._update_goals(goals, hidden_rows, ref, trace)
                         steering.reset(goals)
-                    if (step + 1) % cfg.agency.foci_every == 0:  # nothing in decoding reads the foci
-                        self._update_foci(probe, cache, context, pieces, surprisal, hidden_rows, run_goals, step + 1)
+                    if (step + 1) % cfg.agency.foci_every == 0:
+                        moments.append(_FociMoment.now(probe, len(context), step + 1))
             if agency_on:
                 n = len(trace.tokens)
                 if goals:
                     self._update_goals(goals, hidden_rows, ref, trace)
-                self._update_foci(probe, cache, context[:-1], pieces, surprisal, hidden_rows, run_goals, n)
+                moments.append(_FociMoment.now(probe, T0 + hidden_rows.fed, n))  # the tokens read
+                self._update_foci(moments, cache, context, surprisal, hidden_rows, run_goals)
             if twin is not None:
                 # the worker must finish before the model is free again; a window read after the
                 # last step updates the final exponent (not the per-step trace)
@@ -303,25 +308,50 @@ class CognitiveDecoder:
                                       f"(progress {g.progress:.2f})")
         return [g for g in goals if g.status == "active"]
 
-    def _update_foci(self, probe, cache, context, pieces, surprisal, hidden_rows, goals, step) -> None:
+    def _update_foci(self, moments: list["_FociMoment"], cache, context: list[int], surprisal: _Surprisal,
+                     hidden_rows: _HiddenTrail, goals) -> None:
+        """The foci of each recorded moment, in order (``held_since`` carries from one to the next)."""
         from .agency import AttentionFocus
 
         cfg = self.session.config.agency
-        L = len(context)
-        if len(pieces) < L:
-            pieces.extend(self.tok.decode_pieces(context[len(pieces):L]))
-        intensity = probe.last_query_mass(cache.layers[-1], L, cache.key_valid) if probe.q is not None \
-            else np.zeros(L)
-        hidden = hidden_rows.rows(L)
+        L_max = max(m.length for m in moments)
+        pieces = self.tok.decode_pieces(context[:L_max])
+        all_hidden = hidden_rows.rows(L_max)
         if goals:
-            hidden = hidden - reference_hidden(self.model)
+            all_hidden = all_hidden - reference_hidden(self.model)
+        all_surprisal = surprisal.values(L_max)
         store = self.session.concepts
         concepts_in = store.occurring_in if len(store) else (lambda ids: [])
-        scored = compute_foci(pieces[:L], context, surprisal.values(L), intensity[:L], hidden, goals,
-                              concepts_in, (cfg.novelty_weight, cfg.relevance_weight, cfg.intensity_weight),
-                              cfg.max_foci, math.log(self.model.config.vocab_size))
+        weights = (cfg.novelty_weight, cfg.relevance_weight, cfg.intensity_weight)
         agency = self.session.agency
-        now = self.session.step + step
-        keys = [f"{f['type']}:{f['target']}" for f in scored]
-        agency.held_since = {k: agency.held_since.get(k, now) for k in keys}
-        agency.foci = [AttentionFocus(duration=now - agency.held_since[k], **f) for k, f in zip(keys, scored)]
+        for m in moments:
+            L = m.length
+            intensity = m.intensity(cache.layers[-1], cache.key_valid)
+            scored = compute_foci(pieces[:L], context[:L], all_surprisal[:L], intensity, all_hidden[:L], goals,
+                                  concepts_in, weights, cfg.max_foci, math.log(self.model.config.vocab_size))
+            now = self.session.step + m.step
+            keys = [f"{f['type']}:{f['target']}" for f in scored]
+            agency.held_since = {k: agency.held_since.get(k, now) for k in keys}
+            agency.foci = [AttentionFocus(duration=now - agency.held_since[k], **f) for k, f in zip(keys, scored)]
+
+
+@dataclass
+class _FociMoment:
+    """A foci update recorded during decoding: the context length then, a copy of the latest
+    query then (None without one), and the step count."""
+
+    length: int
+    query: torch.Tensor | None
+    step: int
+
+    @classmethod
+    def now(cls, probe: _AttentionProbe, length: int, step: int) -> "_FociMoment":
+        return cls(length, None if probe.q is None else probe.q[:1, :, -1:].clone(), step)
+
+    @torch.no_grad()
+    def intensity(self, cache_layer, key_valid: torch.Tensor | None) -> np.ndarray:
+        """softmax(q . k / sqrt(d)) of the moment's query over the first ``length`` cached keys,
+        averaged over heads: (length,) (zeros without a query)."""
+        if self.query is None:
+            return np.zeros(self.length)
+        return last_query_mass(self.query, cache_layer, self.length, key_valid)
