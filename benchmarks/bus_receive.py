@@ -1,0 +1,151 @@
+"""CPU a receiving process spends per state update: a BusNode against a plain SUB socket.
+
+The bus's latency tail at 8 agents forms on the receiving side (see the README). On a machine
+with fewer cores than processes, every microsecond of CPU a receiver spends per update delays
+everyone else, so this measures that cost alone. A hub runs in one process and a feeder in
+another, pushing ``--rate`` encoded updates per second (the bus's wire format, about 280 bytes)
+for ``--seconds``; the measured process either
+
+  raw SUB   subscribes to the hub's PUB socket and unpacks each batch frame with msgpack in a
+            thread of its own (poll, drain until zmq.Again): no validation, no sequencing, no
+            replica, or
+  BusNode   runs a real node (security "none" for both, so encryption does not enter), whose
+            thread validates and sequences each batch, applies it to the replica and calls an
+            update callback.
+
+"CPU us / update" is the measured process's CPU time (every thread, libzmq's I/O thread
+included) over the updates it received; each row's median over --repeats runs in alternating
+order, "vs raw" the median of each repeat's ratio.
+
+    python benchmarks/bus_receive.py [--rate 1000] [--seconds 2] [--repeats 5]   # about 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from entanglement import BusConfig, BusHub, BusNode  # noqa: E402
+from entanglement.message import encode_update  # noqa: E402
+
+PAYLOAD = {"phases": bytes(64), "sedenion": [0.25] * 16, "coherence": 0.5, "step": 1}
+
+
+def hub_process(config_out, stop_in) -> None:
+    hub = BusHub(BusConfig(security="none")).start()
+    config_out.put(hub.config.to_dict())
+    stop_in.get()
+    hub.stop()
+
+
+def feeder_process(collect: str, go_in, rate: float, seconds: float) -> None:
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(collect)
+    go_in.get()
+    next_t = time.time()
+    for _ in range(int(rate * seconds)):
+        push.send(encode_update("feed", "agent/feed/phase", PAYLOAD))
+        next_t += 1.0 / rate
+        delay = next_t - time.time()
+        if delay > 0:
+            time.sleep(delay)
+    push.close(linger=1000)
+    ctx.term()
+
+
+def measure(kind: str, config: BusConfig, rate: float, seconds: float) -> float:
+    """One run: CPU microseconds of this process per update received."""
+    spawn = mp.get_context("spawn")
+    go = spawn.Queue()
+    feeder = spawn.Process(target=feeder_process, args=(config.endpoints.collect, go, rate, seconds))
+    feeder.start()
+    count = [0]
+    if kind == "BusNode":
+        node = BusNode("reader", config, None, on_update=lambda u: count.__setitem__(0, count[0] + 1))
+        if not node.wait_active(10):
+            raise RuntimeError("bus node not active")
+        time.sleep(0.3)
+        c0 = time.process_time()
+        go.put(1)
+        feeder.join()
+        time.sleep(0.1)  # the last updates in flight
+        used = time.process_time() - c0
+        node.close()
+    else:
+        ctx = zmq.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.subscribe(b"")
+        sub.connect(config.endpoints.publish)
+        time.sleep(0.3)  # slow joiner
+        stop = threading.Event()
+
+        def receive() -> None:
+            while not stop.is_set():
+                if not sub.poll(50):
+                    continue
+                while True:
+                    try:
+                        frame = sub.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    # [version, epoch, last_seq, [update, ...]]: one msgpack array per batch
+                    count[0] += len(msgpack.unpackb(frame, raw=False)[3])
+
+        thread = threading.Thread(target=receive)
+        thread.start()
+        c0 = time.process_time()
+        go.put(1)
+        feeder.join()
+        time.sleep(0.1)
+        used = time.process_time() - c0
+        stop.set()
+        thread.join()
+        sub.close(linger=0)
+        ctx.term()
+    if count[0] < 0.9 * rate * seconds:
+        raise RuntimeError(f"{kind}: received {count[0]} of {int(rate * seconds)} updates")
+    return used / count[0] * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    spawn = mp.get_context("spawn")
+    config_q, stop_q = spawn.Queue(), spawn.Queue()
+    hub = spawn.Process(target=hub_process, args=(config_q, stop_q))
+    hub.start()
+    config = BusConfig.from_dict(config_q.get(timeout=30))
+    kinds = ["raw SUB", "BusNode"]
+    samples: dict[str, list[float]] = {k: [] for k in kinds}
+    try:
+        for i in range(args.repeats):
+            for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                samples[kind].append(measure(kind, config, args.rate, args.seconds))
+    finally:
+        stop_q.put(1)
+        hub.join(10)
+    print(f"# CPU of the receiving process per update, {args.rate:g} updates/s for {args.seconds:g} s, "
+          f"median of {args.repeats}; security none; pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
+    print(f"{'receiver':10s} {'CPU us / update':>16s} {'vs raw':>8s}")
+    for kind in kinds:
+        ratio = statistics.median(a / b for a, b in zip(samples[kind], samples["raw SUB"]))
+        print(f"{kind:10s} {statistics.median(samples[kind]):16.1f} {ratio:7.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
