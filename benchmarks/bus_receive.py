@@ -34,11 +34,11 @@ import msgpack
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bus import state_payload  # noqa: E402  (the same update as benchmarks/bus.py)
 from entanglement import BusConfig, BusHub, BusNode  # noqa: E402
 from entanglement.message import encode_update  # noqa: E402
-
-PAYLOAD = {"phases": bytes(64), "sedenion": [0.25] * 16, "coherence": 0.5, "step": 1}
 
 
 def hub_process(config_out, stop_in) -> None:
@@ -52,16 +52,58 @@ def feeder_process(collect: str, go_in, rate: float, seconds: float) -> None:
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.connect(collect)
+    payload = state_payload()
     go_in.get()
     next_t = time.time()
     for _ in range(int(rate * seconds)):
-        push.send(encode_update("feed", "agent/feed/phase", PAYLOAD))
+        push.send(encode_update("feed", "agent/feed/phase", payload))
         next_t += 1.0 / rate
         delay = next_t - time.time()
         if delay > 0:
             time.sleep(delay)
     push.close(linger=1000)
     ctx.term()
+
+
+def start_raw_receiver(config: BusConfig, count: list[int]):
+    """A plain SUB socket drained by a thread of its own; returns the function that stops it."""
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.subscribe(b"")
+    sub.connect(config.endpoints.publish)
+    time.sleep(0.3)  # slow joiner
+    stop = threading.Event()
+
+    def receive() -> None:
+        while not stop.is_set():
+            if not sub.poll(50):
+                continue
+            while True:
+                try:
+                    frame = sub.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                # [version, epoch, last_seq, [update, ...]]: one msgpack array per batch
+                count[0] += len(msgpack.unpackb(frame, raw=False)[3])
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+
+    def close() -> None:
+        stop.set()
+        thread.join()
+        sub.close(linger=0)
+        ctx.term()
+    return close
+
+
+def start_node(config: BusConfig, count: list[int]):
+    """A BusNode counting the updates it applies; returns the function that closes it."""
+    node = BusNode("reader", config, None, on_update=lambda u: count.__setitem__(0, count[0] + 1))
+    if not node.wait_active(10):
+        raise RuntimeError("bus node not active")
+    time.sleep(0.3)
+    return node.close
 
 
 def measure(kind: str, config: BusConfig, rate: float, seconds: float) -> float:
@@ -71,48 +113,15 @@ def measure(kind: str, config: BusConfig, rate: float, seconds: float) -> float:
     feeder = spawn.Process(target=feeder_process, args=(config.endpoints.collect, go, rate, seconds))
     feeder.start()
     count = [0]
-    if kind == "BusNode":
-        node = BusNode("reader", config, None, on_update=lambda u: count.__setitem__(0, count[0] + 1))
-        if not node.wait_active(10):
-            raise RuntimeError("bus node not active")
-        time.sleep(0.3)
+    close = start_node(config, count) if kind == "BusNode" else start_raw_receiver(config, count)
+    try:
         c0 = time.process_time()
         go.put(1)
         feeder.join()
         time.sleep(0.1)  # the last updates in flight
         used = time.process_time() - c0
-        node.close()
-    else:
-        ctx = zmq.Context()
-        sub = ctx.socket(zmq.SUB)
-        sub.subscribe(b"")
-        sub.connect(config.endpoints.publish)
-        time.sleep(0.3)  # slow joiner
-        stop = threading.Event()
-
-        def receive() -> None:
-            while not stop.is_set():
-                if not sub.poll(50):
-                    continue
-                while True:
-                    try:
-                        frame = sub.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    # [version, epoch, last_seq, [update, ...]]: one msgpack array per batch
-                    count[0] += len(msgpack.unpackb(frame, raw=False)[3])
-
-        thread = threading.Thread(target=receive)
-        thread.start()
-        c0 = time.process_time()
-        go.put(1)
-        feeder.join()
-        time.sleep(0.1)
-        used = time.process_time() - c0
-        stop.set()
-        thread.join()
-        sub.close(linger=0)
-        ctx.term()
+    finally:
+        close()
     if count[0] < 0.9 * rate * seconds:
         raise RuntimeError(f"{kind}: received {count[0]} of {int(rate * seconds)} updates")
     return used / count[0] * 1e6

@@ -26,7 +26,7 @@ import torch
 
 from ..fused import phase_kernel
 from ..generation import SamplingParams, sample_next
-from .agency import SteeringTable, compute_foci
+from .agency import AttentionFocus, SteeringTable, compute_foci
 from .api import ConceptInput, memory_offset, reference_hidden
 from .lyapunov import LyapunovTwin
 from .resonance import StochasticResonance
@@ -126,16 +126,6 @@ class _AttentionProbe:
     def remove(self) -> None:
         self.attn.record_query = None
         self.attn.last_query = None
-
-
-def last_query_mass(q: torch.Tensor, cache_layer, length: int, key_valid: torch.Tensor | None) -> np.ndarray:
-    """softmax(q . k / sqrt(d)) of one query q (1, H, 1, d) over the first ``length`` cached
-    keys, averaged over heads: (length,)."""
-    k = cache_layer.k[:1, :, :length]
-    scores = (q @ k.transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # (1, H, L)
-    if key_valid is not None:
-        scores = scores.masked_fill(~key_valid[:1, None, :length], float("-inf"))
-    return scores.float().softmax(-1).mean(1)[0].cpu().numpy()
 
 
 class CognitiveDecoder:
@@ -311,8 +301,6 @@ class CognitiveDecoder:
     def _update_foci(self, moments: list["_FociMoment"], cache, context: list[int], surprisal: _Surprisal,
                      hidden_rows: _HiddenTrail, goals) -> None:
         """The foci of each recorded moment, in order (``held_since`` carries from one to the next)."""
-        from .agency import AttentionFocus
-
         cfg = self.session.config.agency
         L_max = max(m.length for m in moments)
         pieces = self.tok.decode_pieces(context[:L_max])
@@ -354,4 +342,8 @@ class _FociMoment:
         averaged over heads: (length,) (zeros without a query)."""
         if self.query is None:
             return np.zeros(self.length)
-        return last_query_mass(self.query, cache_layer, self.length, key_valid)
+        q, L = self.query, self.length  # q: (1, H, 1, d)
+        scores = (q @ cache_layer.k[:1, :, :L].transpose(-1, -2)).squeeze(2) / math.sqrt(q.shape[-1])  # (1, H, L)
+        if key_valid is not None:
+            scores = scores.masked_fill(~key_valid[:1, None, :L], float("-inf"))
+        return scores.float().softmax(-1).mean(1)[0].cpu().numpy()
