@@ -58,3 +58,38 @@ class ModelCache:
         layers = [LayerCache(pick(l.k), pick(l.v), pick(l.phase_sum)) for l in self.layers]
         return ModelCache(layers, self.max_len, self.length, pick(self.key_valid), pick(self.next_pos),
                           pick(self.phase_count), pick(self.last_theta), dict(self.extras))
+
+    def shared_view(self) -> ModelCache:
+        """This cache as it is now, sharing its tensors: ``length`` and the per-step state
+        (positions, phase counts, phases, Kuramoto sums) are this moment's.
+
+        Decoding only appends: a forward writes keys, values and validity at positions
+        ``>= length`` and replaces the state tensors with new ones, never modifies them. So
+        ``copy_prefix`` of the view, later and in another thread, gives this cache as it is now,
+        without copying anything now (the Lyapunov twin forks the main cache this way).
+        """
+        return ModelCache([LayerCache(layer.k, layer.v, layer.phase_sum) for layer in self.layers], self.max_len,
+                          self.length, self.key_valid, self.next_pos, self.phase_count, self.last_theta,
+                          dict(self.extras))
+
+    def copy_prefix(self, row: int = 0) -> ModelCache:
+        """An independent batch-1 copy of batch row ``row``, with room for ``max_len`` tokens:
+        only the ``length`` filled positions of the keys, values and validity are read."""
+        n = self.length
+        rows = torch.tensor([row], device=self.layers[0].k.device)
+
+        def keys_prefix(t: torch.Tensor) -> torch.Tensor:  # (B, H, T_max, d) -> (1, H, T_max, d)
+            out = t.new_empty((1, *t.shape[1:]))
+            out[:, :, :n].copy_(t[row:row + 1, :, :n])
+            return out
+
+        def pick(t):
+            return None if t is None else t.index_select(0, rows)
+        layers = [LayerCache(keys_prefix(layer.k), keys_prefix(layer.v), pick(layer.phase_sum)) for layer in self.layers]
+        key_valid = None
+        if self.key_valid is not None:  # (B, T_max); what follows the prefix is written before it is read
+            key_valid = self.key_valid.new_ones((1, self.max_len))
+            key_valid[:, :n].copy_(self.key_valid[row:row + 1, :n])
+        return ModelCache(layers, self.max_len, n, key_valid, pick(self.next_pos), pick(self.phase_count),
+                          pick(self.last_theta), dict(self.extras))
+

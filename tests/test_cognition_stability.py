@@ -195,3 +195,54 @@ def test_halting_is_opt_in_and_respects_the_minimum(monkeypatch):
     r = engine.generate("Hi", max_length=40, seed=0, stop_at_eos=False, halt_on_instability=True)
     assert r.halted and r.tokens_generated == model.config.stability.min_tokens_before_halt == 16
     assert any("halted" in w for w in r.warnings)
+
+
+def test_a_shared_view_of_the_cache_copied_later_is_the_cache_as_it_was():
+    """The twin forks the main cache without copying it: the main trajectory goes on appending,
+    and the copy made later (on the worker) is the cache as it was at the fork."""
+    model = tiny()
+    with torch.inference_mode():
+        ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
+        cache = model.new_cache(1, 32)
+        model(ids, cache=cache)
+        eager = cache.select(torch.tensor([0]))  # a copy now
+        view = cache.shared_view()
+        for t in (4, 8, 6):  # the main trajectory appends three tokens
+            model(torch.tensor([[t]]), cache=cache)
+        later = view.copy_prefix()
+        assert later.length == eager.length == 6 and cache.length == 9
+        for a, b in zip(later.layers, eager.layers):
+            assert torch.equal(a.k[:, :, :6], b.k[:, :, :6]) and torch.equal(a.v[:, :, :6], b.v[:, :, :6])
+            assert torch.equal(a.phase_sum, b.phase_sum)
+        for name in ("next_pos", "phase_count", "last_theta"):
+            assert torch.equal(getattr(later, name), getattr(eager, name)), name
+        # and both continue the same way, without touching the main cache
+        before = [layer.k[:, :, :9].clone() for layer in cache.layers]
+        x, y = model(torch.tensor([[11, 12]]), cache=later), model(torch.tensor([[11, 12]]), cache=eager)
+        assert torch.equal(x.logits, y.logits) and torch.equal(x.hidden, y.hidden)
+        assert all(torch.equal(k, layer.k[:, :, :9]) for k, layer in zip(before, cache.layers))
+
+
+def test_the_twin_worker_is_shared_and_a_forked_child_gets_its_own():
+    import multiprocessing as mp
+
+    from core_model.cognition import lyapunov
+
+    first = lyapunov._shared_worker()
+    assert lyapunov._shared_worker() is first and first.submit(threading.current_thread).result().name.startswith(
+        "reso-lyapunov-twin")
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child_uses_the_worker, args=(child,))
+    proc.start()
+    assert parent.poll(30), "the forked child's twin worker never ran"
+    assert parent.recv() == ("reso-lyapunov-twin", True)
+    proc.join(10)
+
+
+def _child_uses_the_worker(conn) -> None:
+    from core_model.cognition import lyapunov
+
+    worker = lyapunov._shared_worker()
+    name = worker.submit(lambda: threading.current_thread().name).result(timeout=10)
+    conn.send((name.rsplit("_", 1)[0], worker is not None))

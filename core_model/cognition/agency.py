@@ -194,6 +194,9 @@ class SteeringTable:
         self.V, self.base, self.device = vocab_size, base, device
         self.goals: list[Goal] = []
         self.state: tuple = ()
+        self.state_id = 0  # a number per distinct goal state (the dense cache's keys hash it, not the state)
+        self._state_ids: dict[tuple, int] = {(): 0}
+        self._last_state_id = 0
         self.prefix_ends: dict[int, list[tuple[int, int, tuple[int, ...]]]] = {}
         self._dense: dict[tuple, "torch.Tensor | None"] = {}
 
@@ -204,6 +207,13 @@ class SteeringTable:
         if state == self.state:
             return
         self.state, self.prefix_ends = state, {}
+        sid = self._state_ids.get(state)
+        if sid is None:
+            if len(self._state_ids) >= 512:  # bounded: the dense tensors of forgotten states go too
+                self._state_ids, self._dense = {}, {}
+            self._last_state_id += 1
+            sid = self._state_ids[state] = self._last_state_id
+        self.state_id = sid
         sid = 0
         for g in self.goals:
             for i, seq in enumerate(g.word_tokens):
@@ -227,7 +237,7 @@ class SteeringTable:
                 if k <= n and (k == 1 or tuple(tail[-k:]) == prefix) and k > hits.get(sid, 0):
                     hits[sid] = k
             matched = tuple(sorted(hits.items()))
-        key = (self.state, at_boundary, matched)  # the dense tensors outlive a goal state (stall returns to 4)
+        key = (self.state_id, at_boundary, matched)  # the dense tensors outlive a goal state (stall returns to 4)
         if key not in self._dense:
             bias = steering_bias(self.goals, tail, at_boundary, self.base)
             dense = None

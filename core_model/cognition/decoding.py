@@ -57,27 +57,59 @@ def _entropy(z: np.ndarray) -> float:
     return math.log(s) + float(z.max()) - float(np.dot(e, z)) / s
 
 
+class _Rows:
+    """Rows of one width, one per step, in a buffer allocated once. A push keeps a reference to
+    the row and the rows are copied in batches of up to ``BATCH`` (one stack per batch instead
+    of a copy per step; no step's output tensor stays alive longer than a batch)."""
+
+    BATCH = 16
+
+    def __init__(self, steps: int, width: int, device) -> None:
+        self.buffer = torch.empty(max(steps, 1), width, device=device)
+        self.count = 0
+        self._pending: list[torch.Tensor] = []
+
+    def push(self, row: torch.Tensor) -> None:
+        self._pending.append(row)
+        self.count += 1
+        if len(self._pending) == self.BATCH:
+            self._flush()
+
+    def view(self) -> torch.Tensor:
+        """The rows pushed so far, (count, width)."""
+        if self._pending:
+            self._flush()
+        return self.buffer[:self.count]
+
+    def _flush(self) -> None:
+        rows = self.buffer[self.count - len(self._pending):self.count]
+        if self._pending[0].dtype == rows.dtype:
+            torch.stack(self._pending, out=rows)
+        else:  # e.g. half-precision outputs into the float32 buffer
+            rows.copy_(torch.stack(self._pending))
+        self._pending = []
+
+
 class _Surprisal:
     """Surprisal ``-ln p(x_t | x_<t)`` of every context token under the model's raw logits (no
     goal bias, no temperature), ``ln V`` for the first; the generated tokens' values are computed
-    in batches, when the foci read them (in float64, like a per-step ``logsumexp``). Each step's
-    logits row is copied into a buffer allocated once, so no step's output tensors stay alive."""
+    in batches, when the foci read them (in float64, like a per-step ``logsumexp``)."""
 
     def __init__(self, prompt_logits: torch.Tensor, prompt_ids: torch.Tensor, V: int, steps: int) -> None:
         logp = prompt_logits.double().log_softmax(-1)  # (T0, V)
         self.done = np.concatenate([[math.log(V)], (-logp[:-1].gather(1, prompt_ids[1:, None])[:, 0]).cpu().numpy()])
-        self.rows = torch.empty(max(steps, 1), V, device=prompt_logits.device)  # raw logits of the steps
+        self.rows = _Rows(steps, V, prompt_logits.device)  # raw logits of the steps
         self.tokens: list[int] = []
         self.computed = 0  # steps whose surprisal is in ``done``
 
     def push(self, raw_logits: torch.Tensor, token: int) -> None:
-        self.rows[len(self.tokens)].copy_(raw_logits)
+        self.rows.push(raw_logits)
         self.tokens.append(token)
 
     def values(self, n: int) -> np.ndarray:
         """The first ``n`` surprisals, (n,) float64."""
         if len(self.done) < n and self.computed < len(self.tokens):
-            z = self.rows[self.computed:len(self.tokens)].double()
+            z = self.rows.view()[self.computed:].double()
             picked = z.gather(1, torch.tensor(self.tokens[self.computed:], device=z.device)[:, None])[:, 0]
             self.done = np.concatenate([self.done, (z.logsumexp(-1) - picked).cpu().numpy()])
             self.computed = len(self.tokens)
@@ -86,24 +118,26 @@ class _Surprisal:
 
 class _HiddenTrail:
     """The final hidden states of the context: the prompt's (T0, D), then one row per token fed
-    back, copied into a buffer allocated once (the foci and the goals read them)."""
+    back (the foci and the goals read them)."""
 
     def __init__(self, prompt_hidden: torch.Tensor, steps: int) -> None:
         self.prompt = prompt_hidden.float()
-        self.gen = torch.empty(max(steps, 1), prompt_hidden.shape[-1], device=prompt_hidden.device)
-        self.fed = 0
+        self.gen = _Rows(steps, prompt_hidden.shape[-1], prompt_hidden.device)
+
+    @property
+    def fed(self) -> int:
+        return self.gen.count
 
     def push(self, hidden: torch.Tensor) -> None:
-        self.gen[self.fed].copy_(hidden)
-        self.fed += 1
+        self.gen.push(hidden)
 
     def generated_sum(self) -> torch.Tensor:
         """Sum of the rows of the tokens fed back so far (D,)."""
-        return self.gen[:self.fed].sum(0)
+        return self.gen.view().sum(0)
 
     def rows(self, n: int) -> np.ndarray:
         """The first ``n`` context rows, (n, D) float32."""
-        return torch.cat([self.prompt, self.gen[:self.fed]])[:n].cpu().numpy()
+        return torch.cat([self.prompt, self.gen.view()])[:n].cpu().numpy()
 
 
 class _AttentionProbe:

@@ -21,8 +21,10 @@ cost of inference-time cognition). The price: each window's perturbation has ``W
 towards the most unstable direction, so this is the local, finite-time growth rate over ``W``
 steps, not the asymptotic largest exponent.
 
-A window's forward runs on a worker thread while the main trajectory goes on decoding, and its
-exponent is read ``min(LAG, E - W)`` steps after the forward started (at once when that is 0),
+A window's work runs on a worker thread (one per process, shared by every twin) while the main
+trajectory goes on decoding: the copy of the cache (the fork only keeps a view of the main cache
+as it was, see ``ModelCache.shared_view``: the main trajectory only appends to it), the
+perturbation, the forward and the exponent. The exponent is read ``min(LAG, E - W)`` steps after the forward started (at once when that is 0),
 or when the generation ends: always at the same step, however fast the worker is (the main
 trajectory waits there if the worker is slower), so a seed gives the same tokens and the same
 trace. The worker reads and writes only the twin's own cache copy, and its FFN noise is off in
@@ -32,8 +34,9 @@ in the main trajectory gives no exponent (the twin does not replay the noise).
 
 from __future__ import annotations
 
+import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +49,25 @@ from .stability import PredictiveStability
 
 LAG = 8  # steps between starting a window's forward on the worker thread and reading its exponent
 _twin = threading.local()
+_worker: ThreadPoolExecutor | None = None
+_worker_lock = threading.Lock()
+
+
+def _shared_worker() -> ThreadPoolExecutor:
+    """The process's twin worker thread (started on first use, kept for later generations)."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(1, thread_name_prefix="reso-lyapunov-twin")
+        return _worker
+
+
+def _forget_worker() -> None:
+    global _worker
+    _worker = None  # a forked child has the executor but not its thread
+
+
+os.register_at_fork(after_in_child=_forget_worker)
 
 
 def in_twin_forward() -> bool:
@@ -56,11 +78,10 @@ def in_twin_forward() -> bool:
 
 @dataclass
 class _Window:
-    future: Future  # the twin's final hidden states at the window's positions, (W, D)
+    future: Future  # the window's exponent (float)
     due: int  # the step count at which its exponent is read
     end: int  # the step count at which its last token was read (the exponent's position)
     noisy: bool  # SR noise was on in the main trajectory during the window
-    main: torch.Tensor  # (W, D) the main trajectory's final hidden states at the same positions
 
 
 class _Done(Future):
@@ -92,7 +113,7 @@ class LyapunovTwin:
         self.length = max(3, min(config.lyapunov_window, config.lyapunov_every))  # W: a slope needs 2 points
         self.every = max(config.lyapunov_every, self.length)  # E
         self.lag = min(LAG, self.every - self.length)
-        self.cache = None  # the twin's copy of the main cache while a window collects its tokens
+        self.cache = None  # a view of the main cache as it was at the fork, while a window collects its tokens
         self.tokens: list[int] = []
         self.offsets: list[torch.Tensor | None] = []
         self.mains: list[torch.Tensor] = []
@@ -101,20 +122,19 @@ class LyapunovTwin:
         self.steps = 0
         self.next_fork = 0
         self.running: _Window | None = None
-        use_worker = background and self.lag > 0
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="reso-lyapunov-twin") if use_worker else None
+        self.worker = _shared_worker() if background and self.lag > 0 else None
 
     def fork(self, cache) -> None:
-        """Open a window on a copy of the main trajectory's (batch 1) cache: called after the
-        prompt's prefill, and by ``step`` every ``E`` steps."""
-        self.cache = cache.select(torch.tensor([0], device=cache.layers[0].k.device))
+        """Open a window on the main trajectory's (batch 1) cache as it is now: called after the
+        prompt's prefill, and by ``step`` every ``E`` steps (the copy is made on the worker)."""
+        self.cache = cache.shared_view()
         self.next_fork = self.steps + self.every
 
-    def perturbation(self) -> torch.Tensor:
-        """``eps * rms(E_sem) * xi`` for a window's first input position: (1, 1, D), fixed by the
-        seed and the window's index."""
+    def perturbation(self, window: int) -> torch.Tensor:
+        """``eps * rms(E_sem) * xi`` for the first input position of window number ``window``:
+        (1, 1, D), fixed by the seed and the window's index."""
         p = next(self.model.parameters())
-        gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919 + 104_729 * self.windows)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919 + 104_729 * window)
         xi = torch.randn(1, 1, self.model.config.dim, generator=gen).to(device=p.device, dtype=p.dtype)
         w = self.model.embed.semantic.weight
         rms = derived(self.model.embed, "_semantic_rms", (w,), lambda: w.detach().pow(2).mean().sqrt())
@@ -137,50 +157,51 @@ class LyapunovTwin:
             self.fork(main_cache)
 
     def close(self, read: bool = True) -> None:
-        """Read the running window's exponent (if ``read``) and stop the worker thread; a window
-        still collecting its tokens gives nothing; closing twice is harmless."""
+        """Read the running window's exponent (if ``read``; otherwise just wait for its work to
+        end, so the model is free again); a window still collecting its tokens gives nothing;
+        closing twice is harmless."""
         try:
-            if self.running is not None and read:
-                self._finish()
+            if self.running is not None:
+                if read:
+                    self._finish()
+                else:
+                    wait([self.running.future])
         finally:
             self.running, self.cache = None, None
-            if self.worker is not None:
-                self.worker.shutdown(wait=True)
-                self.worker = None
 
     def _start(self) -> None:
         # no window is running here: one is read (at its start + lag <= start + E - W, the next
         # fork) before the next one forks, let alone starts
-        device = self.mains[0].device
-        ids = torch.tensor([self.tokens], device=device)
-        pert = self.perturbation()
-        zero = torch.zeros_like(pert)
-        off = torch.cat([o if o is not None else zero for o in self.offsets], dim=1)  # (1, W, D), fresh
-        off[:, :1] += pert
-        cache, self.cache = self.cache, None
-        if self.worker is not None:
-            future = self.worker.submit(self._forward, cache, ids, off)
-        else:
-            future = _Done(self._forward(cache, ids, off))
-        self.running = _Window(future, self.steps + self.lag, self.steps, self.noisy,
-                               torch.stack(self.mains).float())
+        work = (self.cache, self.tokens, self.offsets, self.mains, self.windows)
+        self.cache = None
+        future = self.worker.submit(self._forward, *work) if self.worker is not None else _Done(self._forward(*work))
+        self.running = _Window(future, self.steps + self.lag, self.steps, self.noisy)
         self.windows += 1
         self.tokens, self.offsets, self.mains, self.noisy = [], [], [], False
         if self.lag == 0:
             self._finish()
 
-    def _forward(self, cache, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """The twin reads ``ids`` on ``cache``: its final hidden states (W, D). Runs on the worker
-        thread when there is one."""
+    def _forward(self, fork, tokens: list[int], offsets: list[torch.Tensor | None], mains: list[torch.Tensor],
+                 window: int) -> float:
+        """The twin reads ``tokens`` (with the main trajectory's input ``offsets``, the first one
+        perturbed) on a copy of the ``fork`` view: the window's exponent against the main
+        trajectory's final hidden states ``mains``. Runs on the worker thread when there is one."""
         _twin.on = True
         try:
             with torch.inference_mode(), noise_suppressed():
-                return self.model(ids, cache=cache, input_offsets=offsets, last_only=True).hidden[0].float()
+                device = mains[0].device
+                pert = self.perturbation(window)
+                zero = torch.zeros_like(pert)
+                off = torch.cat([o if o is not None else zero for o in offsets], dim=1)  # (1, W, D), fresh
+                off[:, :1] += pert
+                ids = torch.tensor([tokens], device=device)
+                out = self.model(ids, cache=fork.copy_prefix(), input_offsets=off, last_only=True)
+                return window_exponent(out.hidden[0].float(), torch.stack(mains).float())
         finally:
             _twin.on = False
 
     def _finish(self) -> None:
         run, self.running = self.running, None
-        twin = run.future.result()
+        exponent = run.future.result()
         if not run.noisy:
-            self.tracker.observe_exponent(window_exponent(twin, run.main), run.end)
+            self.tracker.observe_exponent(exponent, run.end)
