@@ -201,3 +201,19 @@ def test_batched_surprisal_equals_per_step_log_softmax():
     want = [math.log(11)] + [-float(prompt_logits[i].double().log_softmax(-1)[prompt[i + 1]]) for i in range(4)]
     want += [-float(r.double().log_softmax(-1)[t]) for r, t in steps]
     assert np.allclose(s.values(8), want, atol=1e-12)
+
+
+def test_rows_buffer_copies_batches_of_rows_of_either_shape():
+    from core_model.cognition.decoding import _Rows
+
+    g = torch.Generator().manual_seed(1)
+    n = 2 * _Rows.BATCH + 3  # two full batches and a partial one
+    for shape, dtype in (((6,), torch.float32), ((1, 1, 6), torch.float32), ((1, 1, 6), torch.float16)):
+        rows, want = _Rows(n, 6, "cpu"), []
+        for i in range(n):
+            r = torch.randn(shape, generator=g).to(dtype)
+            rows.push(r)
+            want.append(r.reshape(6).float())
+            if i == 5:
+                assert torch.equal(rows.view(), torch.stack(want))  # a read flushes what is pending
+        assert rows.count == n and torch.equal(rows.view(), torch.stack(want)), (shape, dtype)

@@ -27,6 +27,7 @@ duration counts the generated tokens since the focus was first held without inte
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -60,10 +61,10 @@ def word_coverage(words: list[str], text: str) -> float:
 
 
 def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    na, nb = math.sqrt(float(np.dot(a, a))), math.sqrt(float(np.dot(b, b)))  # what np.linalg.norm computes
     if na == 0 or nb == 0:
         return 0.0
-    return float(np.dot(a, b) / (na * nb))
+    return float(np.dot(a, b)) / (na * nb)
 
 
 @dataclass
@@ -103,14 +104,17 @@ class Goal:
 
     def measure(self, mean_hidden: np.ndarray | None, text: str) -> float:
         """``1/2 max(0, cos(m, g)) + 1/2 coverage`` (see module docstring)."""
+        return self._progress(mean_hidden, word_coverage(self.words, text))
+
+    def _progress(self, mean_hidden: np.ndarray | None, coverage: float) -> float:
         sim = max(0.0, centred_cosine(mean_hidden, self.array())) if mean_hidden is not None else 0.0
-        return 0.5 * sim + 0.5 * word_coverage(self.words, text)
+        return 0.5 * sim + 0.5 * coverage
 
     def update(self, mean_hidden: np.ndarray | None, text: str, threshold: float, step: int) -> bool:
         """Refresh progress and stall; returns True when the goal becomes achieved now."""
         low = text.lower()
         self.covered = [w in low for w in self.words]
-        p = self.measure(mean_hidden, text)
+        p = self._progress(mean_hidden, sum(self.covered) / len(self.words) if self.words else 0.0)
         self.stall = 0 if p > self.progress + 0.01 else min(self.stall + 1, 4)
         self.progress = p
         if self.status == ACTIVE and p >= threshold:

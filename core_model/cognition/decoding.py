@@ -59,8 +59,9 @@ def _entropy(z: np.ndarray) -> float:
 
 class _Rows:
     """Rows of one width, one per step, in a buffer allocated once. A push keeps a reference to
-    the row and the rows are copied in batches of up to ``BATCH`` (one stack per batch instead
-    of a copy per step; no step's output tensor stays alive longer than a batch)."""
+    the row, a (width,) tensor or a (1, ..., width) one holding one row (a step's output as it
+    is, without indexing it), and the rows are copied in batches of up to ``BATCH`` (one stack
+    per batch instead of a copy per step; no step's output stays alive longer than a batch)."""
 
     BATCH = 16
 
@@ -82,12 +83,17 @@ class _Rows:
         return self.buffer[:self.count]
 
     def _flush(self) -> None:
-        rows = self.buffer[self.count - len(self._pending):self.count]
-        if self._pending[0].dtype == rows.dtype:
-            torch.stack(self._pending, out=rows)
+        pending, self._pending = self._pending, []
+        rows = self.buffer[self.count - len(pending):self.count]
+        if pending[0].dim() > 1:  # (1, ..., width) each: concatenated along the leading dimension
+            rows = rows.view(len(pending), *pending[0].shape[1:])
+            join = torch.cat
+        else:
+            join = torch.stack
+        if pending[0].dtype == rows.dtype:
+            join(pending, out=rows)
         else:  # e.g. half-precision outputs into the float32 buffer
-            rows.copy_(torch.stack(self._pending))
-        self._pending = []
+            rows.copy_(join(pending))
 
 
 class _Surprisal:
@@ -129,6 +135,7 @@ class _HiddenTrail:
         return self.gen.count
 
     def push(self, hidden: torch.Tensor) -> None:
+        """``hidden``: (D,) or (1, 1, D), the final hidden state of the token fed back."""
         self.gen.push(hidden)
 
     def generated_sum(self) -> torch.Tensor:
@@ -276,7 +283,7 @@ class CognitiveDecoder:
                 if twin is not None:
                     twin.step(nxt, step_offset, cache, out.hidden, noise)
                 if agency_on:
-                    hidden_rows.push(out.hidden[0, -1])
+                    hidden_rows.push(out.hidden)  # (1, 1, D)
                     if goals and (step + 1) % cfg.agency.update_every == 0:
                         goals = self._update_goals(goals, hidden_rows, ref, trace)
                         steering.reset(goals)
