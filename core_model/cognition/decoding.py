@@ -1,8 +1,8 @@
 """The cognitive decoding loop: cached decoding with stability, agency, PRSC, memory and SR.
 
 One forward per step, as in ``core_model.generation``: prefill ``model(ids, cache=...)``, then
-``model(next_token, cache=...)``. The Lyapunov twin (``lyapunov.py``) opens a window on a copy of
-the cache right after the prefill and then every ``lyapunov_every`` steps.
+``model(next_token, cache=...)``. The Lyapunov twin (``lyapunov.py``) opens a window on the cache
+as it is right after the prefill and then every ``lyapunov_every`` steps.
 
 Attention intensity for the foci is the last layer's attention of the latest query over the
 cached keys (the query recorded by that attention module, see ``_AttentionProbe``).

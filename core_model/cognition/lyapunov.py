@@ -1,7 +1,7 @@
 """The perturbed twin behind the finite-time Lyapunov estimate: short windows, fresh perturbations.
 
 Every ``E = lyapunov_every`` steps (the first window right after the prompt's prefill) the twin
-takes a copy of the main trajectory's cache and reads the next ``W = lyapunov_window`` tokens
+forks the main trajectory's cache and reads the next ``W = lyapunov_window`` tokens
 the main trajectory reads, in one cached forward, with ``eps * rms(E_sem) * xi`` added to the
 first one's input embedding (``xi`` standard normal, fixed by the seed and the window's index;
 ``3 <= W``, at most ``E`` unless ``E < 3``; windows run back to back when ``E <= W``). The relative distances of
@@ -22,12 +22,13 @@ towards the most unstable direction, so this is the local, finite-time growth ra
 steps, not the asymptotic largest exponent.
 
 A window's work runs on a worker thread (one per process, shared by every twin) while the main
-trajectory goes on decoding: the copy of the cache (the fork only keeps a view of the main cache
-as it was, see ``ModelCache.shared_view``: the main trajectory only appends to it), the
-perturbation, the forward and the exponent. The exponent is read ``min(LAG, E - W)`` steps after the forward started (at once when that is 0),
-or when the generation ends: always at the same step, however fast the worker is (the main
-trajectory waits there if the worker is slower), so a seed gives the same tokens and the same
-trace. The worker reads and writes only the twin's own cache copy, and its FFN noise is off in
+trajectory goes on decoding: copying the cache, the perturbation, the forward and the exponent.
+The fork itself copies nothing: it keeps a view of the main cache as it was
+(``ModelCache.shared_view``; the main trajectory only appends to its cache), which the worker
+copies. The exponent is read ``min(LAG, E - W)`` steps after the window's work started (at once
+when that is 0), or when the generation ends: always at the same step, however fast the worker
+is (the main trajectory waits there if the worker is slower), so a seed gives the same tokens
+and the same trace. The worker writes only the twin's own cache copy, and its FFN noise is off in
 its thread only (``noise_suppressed``). A window during which stochastic-resonance noise was on
 in the main trajectory gives no exponent (the twin does not replay the noise).
 """
