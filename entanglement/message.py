@@ -103,12 +103,18 @@ class MalformedMessage(ValueError):
     """A frame is not a valid `StateUpdate` (bad msgpack, wrong types, too large, ...)."""
 
 
-class StatePayload(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+class StatePayload(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True, gc=False):
     """What an agent shares under one key (module docstring: fields and limits).
 
     Read it by attribute (``p.phases``) or like a mapping (``p["phases"]``, ``p.get("label")``,
     ``"step" in p``): the well-known fields that are set, then the extra ones, flat.
     Build it from a plain mapping with `StatePayload.from_mapping`, which validates.
+
+    Payloads and updates are values: treat them as immutable. Neither is tracked by Python's
+    cyclic garbage collector (msgspec ``gc=False``): a node decodes thousands of them per second,
+    and tracking them made the collector run three to four times as often under full load. A
+    reference cycle through one (say, a payload stored in its own ``extra`` dict) would never be
+    collected.
     """
 
     phases: Annotated[bytes, Meta(max_length=MAX_PHASES_BYTES)] | None = None
@@ -184,9 +190,10 @@ class StatePayload(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unkno
         return bool(self.extra) and name in self.extra  # type: ignore[operator]
 
 
-class StateUpdate(msgspec.Struct, frozen=True, array_like=True, tag=WIRE_VERSION,
+class StateUpdate(msgspec.Struct, frozen=True, array_like=True, tag=WIRE_VERSION, gc=False,
                   forbid_unknown_fields=True):
-    """One keyed value on the bus (see the module docstring for the wire format)."""
+    """One keyed value on the bus (see the module docstring for the wire format); not tracked by
+    the cyclic garbage collector (see `StatePayload`)."""
 
     key: Annotated[str, Meta(min_length=1, max_length=MAX_KEY_LEN)]
     agent: Annotated[str, Meta(max_length=MAX_KEY_LEN)]

@@ -216,6 +216,16 @@ def test_batch_round_trip_stamps_positionally() -> None:
     assert unpack_batch(pack_batch(5, 9, [])) == (5, 9, [])  # the heartbeat
 
 
+def test_decoded_updates_are_not_tracked_by_the_cyclic_collector() -> None:
+    """A node decodes thousands of updates a second: they must not feed the cyclic collector."""
+    import gc
+
+    body = _node_body("a", "x", {"step": 1, "sedenion": [0.0] * 16, "label": "x"})
+    _, _, items = unpack_batch(pack_batch(1, 3, [body] * 3))
+    for u in [*items, unpack(body), make_update("a", "agent/a/x", {"step": 2})]:
+        assert not gc.is_tracked(u) and not gc.is_tracked(u.payload)
+
+
 def test_batch_with_a_malformed_body_keeps_its_neighbours() -> None:
     good = _node_body("a", "x", {"step": 1})
     bad = [body(V, "agent/a/x", "a", {"step": 1.5}, 0, 0, 1.0),  # wrong type
