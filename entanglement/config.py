@@ -89,6 +89,11 @@ class BusConfig:
     ttl: the hub expires all keys of an agent whose heartbeats stopped for this long.
     snapshot_timeout: a node re-sends its snapshot request (on fresh sockets) after this long.
     max_keys: the hub refuses (and counts) updates that would grow its map beyond this.
+    coalesce: a node sends an update at once unless it sent one less than this many seconds
+        ago; then it queues the update and its thread sends everything queued as one parcel
+        when it wakes (at once, not after a timer). Paced updates leave alone, without delay;
+        a burst costs one message per wake-up instead of one per update. 0 sends every update
+        on its own.
     """
 
     endpoints: BusEndpoints = field(default_factory=BusEndpoints.tcp)
@@ -99,6 +104,7 @@ class BusConfig:
     ttl: float = 2.0
     snapshot_timeout: float = 1.0
     max_keys: int = 65_536
+    coalesce: float = 0.0002
     limits: MessageLimits = field(default_factory=MessageLimits)
 
     def __post_init__(self) -> None:
@@ -115,6 +121,8 @@ class BusConfig:
             raise ConfigError(f"ttl ({self.ttl}) must exceed heartbeat_interval")
         if self.snapshot_timeout <= 0 or self.max_keys < 1:
             raise ConfigError("need snapshot_timeout > 0 and max_keys >= 1")
+        if not 0 <= self.coalesce < self.heartbeat_interval:
+            raise ConfigError(f"need 0 <= coalesce ({self.coalesce}) < heartbeat_interval")
 
     def with_endpoints(self, endpoints: BusEndpoints) -> BusConfig:
         """A copy of this config with other endpoints."""

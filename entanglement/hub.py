@@ -2,7 +2,8 @@
 
 The hub owns the sequence. Its thread runs one poll loop over
 
-    collect  (PULL)    nodes' updates and heartbeats -> validate, stamp seq, store, publish
+    collect  (PULL)    nodes' updates (alone or in parcels) and heartbeats -> validate, stamp seq,
+                       store, publish
     snapshot (ROUTER)  "$snapshot?" -> every stored key, then "$snapshot-end"
     publish  (PUB)     batches of stamped updates and, every heartbeat_interval, an empty batch
                        with the last seq (the heartbeat)
@@ -43,9 +44,11 @@ from entanglement.message import (
     StatePayload,
     StateUpdate,
     encode,
+    is_parcel,
     key_owner,
     pack_batch,
     unpack,
+    unpack_parcel,
 )
 from entanglement.security import BusKeys, NodeCredentials, SecurityError, ZapHandler
 
@@ -61,9 +64,9 @@ class HubError(RuntimeError):
 
 @dataclass
 class HubCounters:
-    received: int = 0  # frames on the collector
+    received: int = 0  # frames on the collector (a parcel of several updates is one frame)
     published: int = 0  # stamped updates published (deletions included)
-    malformed: int = 0  # frames that failed `unpack` (collector and snapshot socket)
+    malformed: int = 0  # frames that failed to decode (collector and snapshot socket), and bodies in a parcel
     rejected: int = 0  # valid messages refused: key not owned by sender, control misuse, map full
     snapshots: int = 0  # snapshot requests answered
     expired_agents: int = 0
@@ -287,9 +290,23 @@ class BusHub:
                 next_tick = now + interval
 
     def _collect(self, frame: bytes, publisher: zmq.Socket, heard: dict[str, None]) -> None:
-        """Validate, stamp and batch one collected frame; `heard` gathers the senders of this
-        loop turn (their liveness is recorded once per turn, see `_touch`)."""
+        """Validate, stamp and batch one collected frame (a body, or a parcel of bodies each
+        handled on its own); `heard` gathers the senders of this loop turn (their liveness is
+        recorded once per turn, see `_touch`)."""
         self.counters.received += 1
+        if is_parcel(frame):
+            try:
+                bodies = unpack_parcel(frame, self._config.limits)
+            except MalformedMessage as exc:
+                self.counters.malformed += 1
+                log.debug("hub: dropped malformed parcel: %s", exc)
+                return
+            for body in bodies:
+                self._collect_body(body, publisher, heard)
+            return
+        self._collect_body(frame, publisher, heard)
+
+    def _collect_body(self, frame: bytes, publisher: zmq.Socket, heard: dict[str, None]) -> None:
         try:
             msg = unpack(frame, self._config.limits)
         except MalformedMessage as exc:

@@ -42,9 +42,22 @@ An empty batch is the hub heartbeat: it says which seq the hub is at. A batch fr
 bodies. Receivers validate every body; a malformed one is counted and dropped on its own, and
 the hole it leaves in the sequence is a gap (the node re-syncs).
 
+A node that publishes faster than it can send sends *parcels*: several of its bodies in one
+frame (`pack_parcel`, `unpack_parcel`), so that a burst costs one message, one encryption and one
+receive at the hub instead of one per update::
+
+    [version, [body, body, ...]]
+
+    version    int    3, as above
+    bodies     array  2 to `max_array_len` bodies, in the order they were published; the hub
+                      handles each as if it had come alone (a malformed one is counted and
+                      dropped on its own)
+
+A frame is a parcel when its first byte is a msgpack fixarray of 2 (a body is an array of 7).
+
 How it travels, frame by frame::
 
-    node PUSH -> hub PULL        [body]                    (updates, "$heartbeat")
+    node PUSH -> hub PULL        [body] or [parcel]        (updates, "$heartbeat")
     hub PUB  -> node SUB         [batch]                   (updates and heartbeats)
     node DEALER -> hub ROUTER    [body "$snapshot?"]       extra {"request": int}
     hub ROUTER -> node DEALER    [body], ... one per key (seq and epoch stamped in the body),
@@ -233,6 +246,12 @@ class _RawBatch(msgspec.Struct, frozen=True, array_like=True, tag=WIRE_VERSION):
     bodies: list[msgspec.Raw]
 
 
+class _Parcel(msgspec.Struct, frozen=True, array_like=True, tag=WIRE_VERSION):
+    """A node's bodies sent together, left undecoded (the hub validates each on its own)."""
+
+    bodies: list[msgspec.Raw]
+
+
 # ValidationError is a DecodeError; a str that is not UTF-8 raises UnicodeDecodeError (msgspec < 0.23)
 # or a DecodeError (0.23 on)
 _DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError)
@@ -242,6 +261,8 @@ _BATCH = msgspec.msgpack.Decoder(_Batch)
 _RAW_BATCH = msgspec.msgpack.Decoder(_RawBatch)
 _BATCH_PREFIX = b"\x94" + _ENCODER.encode(WIRE_VERSION)  # fixarray of 4, then the version
 _FIXARRAY = [bytes([0x90 | n]) for n in range(16)]
+_PARCEL = msgspec.msgpack.Decoder(_Parcel)
+_PARCEL_PREFIX = b"\x92" + _ENCODER.encode(WIRE_VERSION)  # fixarray of 2, then the version
 
 _valid_keys: set[str] = set()  # keys that passed `_check_key` (bounded memo)
 _VALID_KEYS_MAX = 1 << 16
@@ -322,14 +343,43 @@ def pack_batch(epoch: int, last_seq: int, bodies: Sequence[bytes]) -> bytes:
     n = len(bodies)
     if not 0 <= n <= last_seq <= _MAX_INT or not 0 <= epoch <= _MAX_INT:
         raise ValueError(f"bad batch stamp: epoch {epoch}, last_seq {last_seq}, {n} bodies")
-    if n < 16:
-        length = _FIXARRAY[n]
-    elif n < 1 << 16:
-        length = b"\xdc" + n.to_bytes(2, "big")
-    else:
-        length = b"\xdd" + n.to_bytes(4, "big")
-    return b"".join((_BATCH_PREFIX, _ENCODER.encode(epoch), _ENCODER.encode(last_seq), length,
+    return b"".join((_BATCH_PREFIX, _ENCODER.encode(epoch), _ENCODER.encode(last_seq), _array_header(n),
                      *bodies))
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return _FIXARRAY[n]
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def pack_parcel(bodies: Sequence[bytes]) -> bytes:
+    """One parcel frame (module docstring) from at least two body frames, concatenated as they
+    are (each is one complete msgpack object)."""
+    if len(bodies) < 2:
+        raise ValueError(f"a parcel holds at least 2 bodies, got {len(bodies)}")
+    return b"".join((_PARCEL_PREFIX, _array_header(len(bodies)), *bodies))
+
+
+def is_parcel(frame: bytes) -> bool:
+    """Whether `frame` is shaped as a parcel (a 2-array); it may still be malformed."""
+    return frame[:1] == b"\x92"
+
+
+def unpack_parcel(frame: bytes, limits: MessageLimits = MessageLimits()) -> list[bytes]:
+    """The bodies of a parcel, undecoded; a frame that is not a well-formed parcel of 2 to
+    `max_array_len` bodies raises `MalformedMessage`."""
+    if len(frame) > limits.max_frame_bytes:
+        raise MalformedMessage(f"frame of {len(frame)} bytes exceeds {limits.max_frame_bytes}")
+    try:
+        bodies = _PARCEL.decode(frame).bodies
+    except _DECODE_ERRORS as exc:
+        raise MalformedMessage(f"not a valid parcel: {exc}") from exc
+    if not 2 <= len(bodies) <= limits.max_array_len:
+        raise MalformedMessage(f"parcel of {len(bodies)} bodies (2 to {limits.max_array_len} allowed)")
+    return [bytes(b) for b in bodies]
 
 
 def unpack_batch(

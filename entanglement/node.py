@@ -1,9 +1,12 @@
 """`BusNode`: one agent's view of the bus, the Clone pattern's clonecli.
 
 The node's own thread owns the receiving sockets (SUB <- hub PUB, DEALER <-> hub ROUTER) and
-is stopped through an inproc PAIR pipe. The one outbound socket (PUSH -> hub PULL) is shared by
-`publish()` callers and the node thread (heartbeats, re-publishing) strictly under a lock, so an
-update leaves from the caller's thread without an extra thread hop. Readers use a lock too.
+listens to an inproc PAIR pipe (stop, flush). The one outbound socket (PUSH -> hub PULL) is shared
+by `publish()` callers and the node thread (heartbeats, re-publishing, flushing) strictly under a
+lock. An update leaves from the caller's thread without an extra thread hop, unless the node sent
+one less than `BusConfig.coalesce` ago: then it joins the node's outbox, and the node thread, woken
+through the pipe when the outbox stops being empty, sends everything in it as one parcel (see
+`entanglement.message`). Readers use a lock too.
 
 States and transitions::
 
@@ -45,6 +48,7 @@ from entanglement.message import (
     encode,
     encode_update,
     make_update,
+    pack_parcel,
     unpack,
     unpack_batch,
 )
@@ -131,7 +135,11 @@ class BusNode:
         self._push = self._socket(zmq.PUSH)
         self._push.connect(config.endpoints.collect)
         self._send_lock = threading.Lock()
-        # Caller -> node thread pipe, for the stop request.
+        # Updates waiting for the node thread to send them as one parcel (under _send_lock).
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._last_send = float("-inf")  # monotonic time of the last send to the hub
+        # Caller -> node thread pipe (under _send_lock): b"F" flush the outbox, b"S" stop.
         addr = f"inproc://node-pipe-{uuid.uuid4().hex}"
         self._pipe_in = self.context.socket(zmq.PAIR)
         self._pipe_in.linger = 0
@@ -149,9 +157,12 @@ class BusNode:
         """Publish `payload` under ``agent/<agent_id>/<name>`` (None deletes the key).
 
         Validation errors raise `MalformedMessage` here. The update goes straight from the
-        calling thread to the hub (queued by ZeroMQ); the value is also kept so it can be
-        re-published if a restarted hub lost it. Returns False (counted in send_failed) when
-        `config.hwm` updates are already queued for the hub (it is gone or overloaded).
+        calling thread to the hub (queued by ZeroMQ), or, within `config.coalesce` of the
+        previous send, into the outbox the node thread sends as one parcel when it wakes (module
+        docstring); the order of a node's updates is kept either way. The value is also kept
+        so it can be re-published if a restarted hub lost it. Returns False (counted in
+        send_failed) when `config.hwm` messages are already queued for the hub (it is gone or
+        overloaded); updates that wait in the outbox are counted when it is sent.
         """
         key = self._keys.get(name)
         if key is None:
@@ -166,7 +177,7 @@ class BusNode:
                 self._own.pop(key, None)
             else:
                 self._own[key] = body
-            return self._send(body, count=True)
+            return self._queue(body)
 
     def delete(self, name: str) -> bool:
         """Delete this agent's key `name` for everyone."""
@@ -230,10 +241,12 @@ class BusNode:
             return
         self._closed = True
         if self._thread.is_alive():
-            self._pipe_out.send(b"S")
+            with self._send_lock:
+                self._pipe_out.send(b"S")
             self._thread.join(timeout)
-        self._pipe_out.close(linger=0)
         with self._send_lock:
+            self._flush_outbox()  # what a publish racing with close() queued
+            self._pipe_out.close(linger=0)
             self._push.close(linger=0)
         if self._thread.is_alive():
             raise NodeError(f"node {self.agent_id!r} thread did not stop within {timeout}s")
@@ -246,15 +259,40 @@ class BusNode:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send(self, body: bytes, count: bool) -> bool:
-        """Queue `body` for the hub (caller holds _send_lock)."""
+    def _queue(self, body: bytes) -> bool:
+        """Send `body` now, or add it to the outbox (caller holds _send_lock; see `publish`)."""
+        now = time.monotonic()
+        if not self._outbox and now - self._last_send >= self.config.coalesce:
+            self._last_send = now
+            return self._send(body, updates=1)
+        limits = self.config.limits
+        sent = True
+        if (len(self._outbox) >= limits.max_array_len
+                or self._outbox_bytes + len(body) > limits.max_frame_bytes - 16):  # 16: the parcel header
+            sent = self._flush_outbox()  # a full parcel leaves from this thread
+        self._outbox.append(body)
+        self._outbox_bytes += len(body)
+        if len(self._outbox) == 1:
+            self._pipe_out.send(b"F")  # wake the node thread: it sends the outbox when it runs
+        return sent
+
+    def _flush_outbox(self) -> bool:
+        """Send the outbox as one parcel (one body goes alone); caller holds _send_lock."""
+        bodies, self._outbox, self._outbox_bytes = self._outbox, [], 0
+        if not bodies:
+            return True
+        self._last_send = time.monotonic()
+        return self._send(bodies[0] if len(bodies) == 1 else pack_parcel(bodies), updates=len(bodies))
+
+    def _send(self, frame: bytes, updates: int) -> bool:
+        """Queue `frame`, holding `updates` updates (0: a heartbeat), for the hub (caller holds
+        _send_lock)."""
         try:
-            self._push.send(body, zmq.NOBLOCK)
+            self._push.send(frame, zmq.NOBLOCK)
         except zmq.Again:
-            self._counters.send_failed += 1
+            self._counters.send_failed += max(updates, 1)
             return False
-        if count:
-            self._counters.sent += 1
+        self._counters.sent += updates
         return True
 
     # -- node thread ------------------------------------------------------------------------
@@ -292,12 +330,12 @@ class BusNode:
             if now >= next_beat:
                 beat = make_update(self.agent_id, NODE_HEARTBEAT, None)
                 with self._send_lock:
-                    self._send(encode(beat), count=False)
+                    self._send(encode(beat), updates=0)
                 next_beat = now + interval
             self._check_timers(now)
             events = dict(self._poller.poll(max(0.0, next_beat - time.monotonic()) * 1000.0))
-            if self._pipe_in in events:
-                return  # the only message on the pipe is the stop request
+            if self._pipe_in in events and self._on_pipe():
+                return
             # Drain each readable socket until zmq.Again (one exception per wake-up; asking
             # EVENTS after every message costs more under load)
             sub = self._sub
@@ -317,6 +355,18 @@ class BusNode:
                     except zmq.Again:
                         break
                     self._on_snapshot(frame)
+
+    def _on_pipe(self) -> bool:
+        """Handle the pipe's commands; True on the stop request (the outbox is sent first)."""
+        stop = False
+        for _ in range(_DRAIN):
+            try:
+                stop |= self._pipe_in.recv(zmq.NOBLOCK) == b"S"
+            except zmq.Again:
+                break
+        with self._send_lock:
+            self._flush_outbox()
+        return stop
 
     def _check_timers(self, now: float) -> None:
         if self._state is NodeState.CONNECTING:
@@ -456,9 +506,10 @@ class BusNode:
             else:
                 self._sequence(queued)
         with self._send_lock:
+            self._flush_outbox()  # older than what follows, so it goes first
             for key, body in self._own.items():
                 if key not in self._replica:
-                    self._send(body, count=True)  # the hub lost it (restart or expiry)
+                    self._send(body, updates=1)  # the hub lost it (restart or expiry)
 
     def _apply(self, msg: StateUpdate) -> None:
         self._replica.apply(msg)

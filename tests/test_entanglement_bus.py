@@ -362,3 +362,63 @@ def test_closed_node_refuses_publish() -> None:
     hub.stop()
     with pytest.raises(NodeError, match="closed"):
         node.publish("x", {"value": 1})
+
+
+def _recording_node(hub: BusHub, agent: str, key: str) -> tuple[BusNode, list[int]]:
+    """A node that records the "step" of every update of `key` it applies, in order."""
+    steps: list[int] = []
+
+    def record(u: StateUpdate) -> None:
+        if u.key == key and u.payload is not None:
+            steps.append(u.payload["step"])
+
+    return make_node(hub, agent, on_update=record), steps
+
+
+def test_a_burst_travels_in_parcels_and_in_order(hub: BusHub) -> None:
+    a = make_node(hub, "a")
+    b, steps = _recording_node(hub, "b", "agent/a/x")
+    try:
+        assert a.wait_active(5) and b.wait_active(5)
+        frames, published = hub.counters.received, hub.counters.published
+        for i in range(300):  # far faster than one send per coalesce interval
+            a.publish("x", {"step": i})
+        assert b.wait_for(lambda n: bool(steps) and steps[-1] == 299, 10)
+        assert a.wait_for(lambda n: n.counters.sent == 300, 5)
+        assert hub.counters.published - published == 300
+        # fewer frames than updates reached the hub (its received count includes heartbeats)
+        assert hub.counters.received - frames < 150
+        assert steps == sorted(set(steps))  # in order, none twice (a re-sync may skip some)
+        assert a.counters.send_failed == 0 and hub.counters.malformed == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_close_sends_what_waits_in_the_outbox(hub: BusHub) -> None:
+    a = make_node(hub, "a")
+    b, steps = _recording_node(hub, "b", "agent/a/x")
+    try:
+        assert a.wait_active(5) and b.wait_active(5)
+        for i in range(50):
+            a.publish("x", {"step": i})
+        a.close()  # at once: whatever waits in the outbox must still leave
+        assert a.counters.sent == 50
+        assert b.wait_for(lambda n: 49 in steps, 5)
+    finally:
+        b.close()
+
+
+def test_coalesce_zero_sends_every_update_alone() -> None:
+    hub = BusHub(BusConfig(security="none", coalesce=0.0, **FAST)).start()
+    a = BusNode("a", hub.config)
+    try:
+        assert a.wait_active(5)
+        frames = hub.counters.received
+        for i in range(100):
+            a.publish("x", {"step": i})
+        assert wait_until(lambda: hub.counters.published >= 100, 5)
+        assert hub.counters.received - frames >= 100
+    finally:
+        a.close()
+        hub.stop()

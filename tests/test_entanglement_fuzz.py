@@ -2,9 +2,10 @@
 
 Frames come from hypothesis strategies: random bytes, truncated valid bodies, type-confused
 bodies (valid msgpack, wrong types), arbitrary msgpack objects, declared lengths far beyond the
-data, and valid updates mixed in. The expected count of each frame's fate comes from the same
-`unpack` the receivers use, checked against what each kind of frame must be (a truncated body is
-never valid, a valid one always is).
+data, and valid updates mixed in; the hub also gets parcels of such bodies, whole or truncated.
+The expected count of each frame's fate comes from the same `unpack` (and `unpack_parcel`) the
+receivers use, checked against what each kind of frame must be (a truncated body is never valid,
+a valid one always is).
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from entanglement import (
     StateUpdate,
     unpack,
 )
-from entanglement.message import BATCH_OVERHEAD, WIRE_VERSION, pack_batch, unpack_batch
+from entanglement.message import (
+    BATCH_OVERHEAD,
+    WIRE_VERSION,
+    is_parcel,
+    pack_batch,
+    pack_parcel,
+    unpack_batch,
+    unpack_parcel,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,6 +100,28 @@ frames = st.one_of(
         lambda t: ("bad", t[0] + t[1] + t[2])),  # huge declared lengths
     valid_fields.map(lambda f: ("good", packb(f))),
 )
+# ... and parcels of them (several bodies in one frame, each handled on its own), whole or truncated
+complete_bodies = st.one_of(  # each a whole msgpack object, valid or not as a body
+    valid_fields.map(packb), st.tuples(valid_fields, st.integers(0, 6), wrong_types).map(lambda t: _confuse(*t)),
+    msgpack_values.map(packb),
+)
+frames_and_parcels = st.one_of(
+    frames,
+    st.lists(complete_bodies, min_size=2, max_size=5).map(lambda bs: ("parcel", pack_parcel(bs))),
+    st.lists(frames, min_size=2, max_size=5).map(lambda fs: ("random", pack_parcel([f for _, f in fs]))),
+    st.lists(complete_bodies, min_size=2, max_size=3).map(pack_parcel).flatmap(
+        lambda p: st.integers(1, len(p) - 1).map(lambda i: ("bad", p[:i]))),  # truncated
+)
+
+
+def bodies_of(frame: bytes) -> tuple[int, list[bytes]]:
+    """What the hub makes of a collected frame: (malformed count, the bodies it goes on with)."""
+    if is_parcel(frame):
+        try:
+            return 0, unpack_parcel(frame)
+        except MalformedMessage:
+            return 1, []
+    return 0, [frame]
 
 
 def parses(frame: bytes) -> bool:
@@ -141,23 +172,32 @@ def test_hub_collector_survives_10000_fuzzed_frames() -> None:
         assert watcher.wait_active(5)
 
         @settings(max_examples=HUB_BATCHES, **FUZZ_SETTINGS)
-        @given(st.lists(frames, min_size=BATCH, max_size=BATCH))
+        @given(st.lists(frames_and_parcels, min_size=BATCH, max_size=BATCH))
         def feed(batch: list[tuple[str, bytes]]) -> None:
             keys = set(hub.keys_snapshot())  # quiescent between batches
             bad = published = 0
             for kind, frame in batch:
-                ok = parses(frame)
-                assert ok if kind == "good" else (ok is False if kind == "bad" else True)
-                if not ok:
-                    bad += 1
-                    continue
-                msg = unpack(frame)
-                if msg.payload is not None:
-                    keys.add(msg.key)
-                    published += 1
-                elif msg.key in keys:  # a type-confused payload of nil is a valid deletion
-                    keys.discard(msg.key)
-                    published += 1
+                bad_parcel, bodies = bodies_of(frame)
+                if kind == "parcel":
+                    assert not bad_parcel  # whole bodies make a well-formed parcel
+                elif kind == "bad" and is_parcel(frame):
+                    assert bad_parcel  # a truncated parcel
+                bad += bad_parcel
+                for body in bodies:
+                    ok = parses(body)
+                    assert ok if kind == "good" else (ok is False if kind == "bad" else True)
+                    if not ok:
+                        bad += 1
+                        continue
+                    msg = unpack(body)
+                    if msg.key.startswith("$"):
+                        continue  # a control body: the hub acts on it, publishes nothing
+                    if msg.payload is not None:
+                        keys.add(msg.key)
+                        published += 1
+                    elif msg.key in keys:  # a type-confused payload of nil is a valid deletion
+                        keys.discard(msg.key)
+                        published += 1
             before = (hub.counters.received, hub.counters.malformed, hub.counters.published)
             for _, frame in batch:
                 push.send(frame)

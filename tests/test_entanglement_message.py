@@ -28,9 +28,12 @@ from entanglement.message import (
     BATCH_OVERHEAD,
     WIRE_VERSION,
     encode_update,
+    is_parcel,
     make_update,
     pack_batch,
+    pack_parcel,
     unpack_batch,
+    unpack_parcel,
 )
 
 scalars = st.one_of(
@@ -295,3 +298,35 @@ def test_encode_update_checks_a_hand_built_payload() -> None:
         encode_update("a", "agent/a/x", StatePayload(coherence="high"))  # type: ignore[arg-type]
     with pytest.raises(MalformedMessage):
         encode_update("a", "agent/a/x", {"phases": np.array(["a", "b"])})
+
+
+def test_parcel_round_trip_and_shape() -> None:
+    bodies = [_node_body("a", "x", {"step": i}) for i in range(20)]  # > 15: array16 header
+    frame = pack_parcel(bodies)
+    assert is_parcel(frame) and not any(is_parcel(b) for b in bodies)
+    assert unpack_parcel(frame) == bodies
+    assert unpack_parcel(pack_parcel(bodies[:2])) == bodies[:2]
+    with pytest.raises(ValueError):
+        pack_parcel(bodies[:1])  # one body travels alone
+
+
+@pytest.mark.parametrize("frame, reason", [
+    (msgpack.packb([WIRE_VERSION, []]), "parcel of 0 bodies"),
+    (msgpack.packb([WIRE_VERSION, [1]]), "parcel of 1 bodies"),
+    (msgpack.packb([2, [1, 2]]), "not a valid parcel"),  # another wire version
+    (msgpack.packb([WIRE_VERSION, "ab"]), "not a valid parcel"),
+    (msgpack.packb([WIRE_VERSION, [1, 2]])[:-1], "not a valid parcel"),  # truncated
+    (b"\x92\x03\xdd\xff\xff\xff\xff", "not a valid parcel"),  # a huge declared length
+])
+def test_malformed_parcels_raise_typed_error(frame: bytes, reason: str) -> None:
+    assert is_parcel(frame)
+    with pytest.raises(MalformedMessage, match=reason):
+        unpack_parcel(frame)
+
+
+def test_parcel_limits() -> None:
+    body = _node_body("a", "x", {"step": 1})
+    with pytest.raises(MalformedMessage, match="parcel of 5 bodies"):
+        unpack_parcel(pack_parcel([body] * 5), MessageLimits(max_array_len=4))
+    with pytest.raises(MalformedMessage, match="exceeds"):
+        unpack_parcel(pack_parcel([body] * 5), MessageLimits(max_frame_bytes=len(body) * 4))
