@@ -54,7 +54,7 @@ class ModelCache:
     def select(self, rows: torch.Tensor) -> "ModelCache":
         """A cache holding only the given batch rows (for dropping finished sequences)."""
         def pick(t):
-            return None if t is None else t.index_select(0, rows)
+            return _pick_rows(t, rows)
         layers = [LayerCache(pick(l.k), pick(l.v), pick(l.phase_sum)) for l in self.layers]
         return ModelCache(layers, self.max_len, self.length, pick(self.key_valid), pick(self.next_pos),
                           pick(self.phase_count), pick(self.last_theta), dict(self.extras))
@@ -84,7 +84,7 @@ class ModelCache:
             return out
 
         def pick(t):
-            return None if t is None else t.index_select(0, rows)
+            return _pick_rows(t, rows)
         layers = [LayerCache(keys_prefix(layer.k), keys_prefix(layer.v), pick(layer.phase_sum)) for layer in self.layers]
         key_valid = None
         if self.key_valid is not None:  # (B, T_max); what follows the prefix is written before it is read
@@ -93,3 +93,7 @@ class ModelCache:
         return ModelCache(layers, self.max_len, n, key_valid, pick(self.next_pos), pick(self.phase_count),
                           pick(self.last_theta), dict(self.extras))
 
+
+def _pick_rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """Batch rows ``rows`` of ``t`` (a copy), None for None."""
+    return None if t is None else t.index_select(0, rows)

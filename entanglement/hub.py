@@ -31,11 +31,13 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import zmq
 
-from entanglement.config import BusConfig, BusEndpoints
+from entanglement.config import BusConfig, BusEndpoints, MessageLimits
 from entanglement.message import (
     NODE_HEARTBEAT,
     SNAPSHOT_END,
@@ -53,6 +55,7 @@ from entanglement.message import (
 from entanglement.security import BusKeys, NodeCredentials, SecurityError, ZapHandler
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HUB_AGENT = "hub"
 _DRAIN = 1000  # messages handled per socket per loop turn, so no socket starves the others
@@ -295,23 +298,23 @@ class BusHub:
         recorded once per turn, see `_touch`)."""
         self.counters.received += 1
         if is_parcel(frame):
-            try:
-                bodies = unpack_parcel(frame, self._config.limits)
-            except MalformedMessage as exc:
-                self.counters.malformed += 1
-                log.debug("hub: dropped malformed parcel: %s", exc)
-                return
-            for body in bodies:
+            for body in self._decoded(unpack_parcel, frame, "parcel") or ():
                 self._collect_body(body, publisher, heard)
-            return
-        self._collect_body(frame, publisher, heard)
+        else:
+            self._collect_body(frame, publisher, heard)
 
-    def _collect_body(self, frame: bytes, publisher: zmq.Socket, heard: dict[str, None]) -> None:
+    def _decoded(self, decode: Callable[[bytes, MessageLimits], T], frame: bytes, what: str) -> T | None:
+        """``decode(frame, limits)``, or None for a malformed frame (counted and logged)."""
         try:
-            msg = unpack(frame, self._config.limits)
+            return decode(frame, self._config.limits)
         except MalformedMessage as exc:
             self.counters.malformed += 1
-            log.debug("hub: dropped malformed frame: %s", exc)
+            log.debug("hub: dropped malformed %s: %s", what, exc)
+            return None
+
+    def _collect_body(self, frame: bytes, publisher: zmq.Socket, heard: dict[str, None]) -> None:
+        msg = self._decoded(unpack, frame, "frame")
+        if msg is None:
             return
         key, agent = msg.key, msg.agent
         if key == NODE_HEARTBEAT:
@@ -373,11 +376,8 @@ class BusHub:
             self.counters.malformed += 1
             return
         identity, frame = frames
-        try:
-            req = unpack(frame, self._config.limits)
-        except MalformedMessage as exc:
-            self.counters.malformed += 1
-            log.debug("hub: dropped malformed snapshot request: %s", exc)
+        req = self._decoded(unpack, frame, "snapshot request")
+        if req is None:
             return
         if req.key != SNAPSHOT_REQUEST:
             self.counters.rejected += 1

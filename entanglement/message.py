@@ -87,6 +87,7 @@ from entanglement.config import MessageLimits
 
 WIRE_VERSION = 3
 BATCH_OVERHEAD = 32  # a batch header: fixarray, version, epoch, last_seq, array length
+PARCEL_OVERHEAD = 16  # room for a parcel header: fixarray, version, array length (at most 7 bytes)
 SEDENION_DIM = 16
 MAX_KEY_LEN = 256  # keys and agent ids
 MAX_STR_LEN = 1024  # one string value in "extra"
@@ -320,10 +321,14 @@ def pack(update: StateUpdate) -> bytes:
     return body
 
 
+def _check_size(frame: bytes, limit: int) -> None:
+    if len(frame) > limit:
+        raise MalformedMessage(f"frame of {len(frame)} bytes exceeds {limit}")
+
+
 def unpack(frame: bytes, limits: MessageLimits = MessageLimits()) -> StateUpdate:
     """Decode and validate one body frame; raise `MalformedMessage` on anything unexpected."""
-    if len(frame) > limits.max_frame_bytes:
-        raise MalformedMessage(f"frame of {len(frame)} bytes exceeds {limits.max_frame_bytes}")
+    _check_size(frame, limits.max_frame_bytes)
     return _decode_body(frame)
 
 
@@ -332,6 +337,15 @@ def _decode_body(body: bytes | msgspec.Raw) -> StateUpdate:
         return _BODY.decode(body)
     except _DECODE_ERRORS as exc:
         raise MalformedMessage(f"not a valid body: {exc}") from exc
+
+
+def _array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` items."""
+    if n < 16:
+        return _FIXARRAY[n]
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def pack_batch(epoch: int, last_seq: int, bodies: Sequence[bytes]) -> bytes:
@@ -347,14 +361,6 @@ def pack_batch(epoch: int, last_seq: int, bodies: Sequence[bytes]) -> bytes:
                      *bodies))
 
 
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return _FIXARRAY[n]
-    if n < 1 << 16:
-        return b"\xdc" + n.to_bytes(2, "big")
-    return b"\xdd" + n.to_bytes(4, "big")
-
-
 def pack_parcel(bodies: Sequence[bytes]) -> bytes:
     """One parcel frame (module docstring) from at least two body frames, concatenated as they
     are (each is one complete msgpack object)."""
@@ -365,14 +371,13 @@ def pack_parcel(bodies: Sequence[bytes]) -> bytes:
 
 def is_parcel(frame: bytes) -> bool:
     """Whether `frame` is shaped as a parcel (a 2-array); it may still be malformed."""
-    return frame[:1] == b"\x92"
+    return frame[:1] == _PARCEL_PREFIX[:1]
 
 
 def unpack_parcel(frame: bytes, limits: MessageLimits = MessageLimits()) -> list[bytes]:
     """The bodies of a parcel, undecoded; a frame that is not a well-formed parcel of 2 to
     `max_array_len` bodies raises `MalformedMessage`."""
-    if len(frame) > limits.max_frame_bytes:
-        raise MalformedMessage(f"frame of {len(frame)} bytes exceeds {limits.max_frame_bytes}")
+    _check_size(frame, limits.max_frame_bytes)
     try:
         bodies = _PARCEL.decode(frame).bodies
     except _DECODE_ERRORS as exc:
@@ -392,9 +397,7 @@ def unpack_batch(
     caller can count it and still see its neighbours; valid bodies come back stamped with their
     positional seq and the batch's epoch.
     """
-    limit = limits.max_frame_bytes + BATCH_OVERHEAD
-    if len(frame) > limit:
-        raise MalformedMessage(f"frame of {len(frame)} bytes exceeds {limit}")
+    _check_size(frame, limits.max_frame_bytes + BATCH_OVERHEAD)
     try:
         batch: _Batch | _RawBatch = _BATCH.decode(frame)
     except _DECODE_ERRORS:

@@ -40,6 +40,7 @@ import zmq
 from entanglement.config import BusConfig, ConfigError
 from entanglement.message import (
     NODE_HEARTBEAT,
+    PARCEL_OVERHEAD,
     SNAPSHOT_END,
     SNAPSHOT_REQUEST,
     MalformedMessage,
@@ -268,7 +269,7 @@ class BusNode:
         limits = self.config.limits
         sent = True
         if (len(self._outbox) >= limits.max_array_len
-                or self._outbox_bytes + len(body) > limits.max_frame_bytes - 16):  # 16: the parcel header
+                or self._outbox_bytes + len(body) > limits.max_frame_bytes - PARCEL_OVERHEAD):
             sent = self._flush_outbox()  # a full parcel leaves from this thread
         self._outbox.append(body)
         self._outbox_bytes += len(body)

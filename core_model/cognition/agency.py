@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 STOPWORDS = frozenset(
     "a an and are as at be but by for from has have in into is it its of on or that the this to was were "
@@ -202,7 +203,7 @@ class SteeringTable:
         self._state_ids: dict[tuple, int] = {(): 0}
         self._last_state_id = 0
         self.prefix_ends: dict[int, list[tuple[int, int, tuple[int, ...]]]] = {}
-        self._dense: dict[tuple, "torch.Tensor | None"] = {}
+        self._dense: dict[tuple, torch.Tensor | None] = {}
 
     def reset(self, goals: list[Goal]) -> None:
         """Goal states after a goal update; the tables are rebuilt only if they changed."""
@@ -218,16 +219,16 @@ class SteeringTable:
             self._last_state_id += 1
             sid = self._state_ids[state] = self._last_state_id
         self.state_id = sid
-        sid = 0
+        seq_id = 0
         for g in self.goals:
             for i, seq in enumerate(g.word_tokens):
-                sid += 1
+                seq_id += 1
                 if g.covered and g.word_of and g.covered[g.word_of[i]]:
                     continue
                 for k in range(1, len(seq)):
-                    self.prefix_ends.setdefault(seq[k - 1], []).append((sid, k, tuple(seq[:k])))
+                    self.prefix_ends.setdefault(seq[k - 1], []).append((seq_id, k, tuple(seq[:k])))
 
-    def bias(self, tail: list[int], at_boundary: bool) -> "torch.Tensor | None":
+    def bias(self, tail: list[int], at_boundary: bool) -> torch.Tensor | None:
         """The dense bias for the next step (None: no bias), equal to ``steering_bias(goals,
         tail, at_boundary, base)`` scattered into a (V,) tensor."""
         if not self.goals:
@@ -246,8 +247,6 @@ class SteeringTable:
             bias = steering_bias(self.goals, tail, at_boundary, self.base)
             dense = None
             if bias:
-                import torch
-
                 row = np.zeros(self.V, dtype=np.float32)
                 row[list(bias)] = list(bias.values())
                 dense = torch.from_numpy(row).to(self.device)

@@ -64,8 +64,8 @@ def _shared_worker() -> ThreadPoolExecutor:
 
 
 def _forget_worker() -> None:
-    global _worker
-    _worker = None  # a forked child has the executor but not its thread
+    global _worker, _worker_lock
+    _worker, _worker_lock = None, threading.Lock()  # a forked child has the executor but not its thread
 
 
 os.register_at_fork(after_in_child=_forget_worker)
