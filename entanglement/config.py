@@ -65,13 +65,12 @@ class BusEndpoints:
 
 @dataclass(frozen=True)
 class MessageLimits:
-    """Hard limits applied when unpacking any frame (see `entanglement.message`)."""
+    """Run-time limits of a bus (see `entanglement.message`). The limits of single values
+    (key and string lengths, list lengths, the number of extra fields, the phases' bytes) are
+    part of the wire format and fixed there, in the message schema."""
 
-    max_frame_bytes: int = 1 << 20  # whole frame, checked before unpacking
-    max_bin_len: int = 1 << 20  # one bytes value (float32 phases: 262,144 phases)
-    max_str_len: int = 1024  # one string (keys, agent ids, payload strings)
-    max_array_len: int = 4096  # one list (the message envelope, sedenion lists, ...)
-    max_map_len: int = 64  # one map (the payload)
+    max_frame_bytes: int = 1 << 20  # one update (or parcel) as sent, checked before unpacking
+    max_array_len: int = 4096  # updates in one batch or parcel
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,8 @@ class BusHub:
         if self._start_error is not None:
             self._thread.join(timeout)
             self._close_pipe()
+            if self._own_context:
+                self.context.term()  # every socket of it is closed by now
             raise HubError(f"hub failed to start: {self._start_error}") from self._start_error
         return self
 
@@ -141,7 +143,18 @@ class BusHub:
                 raise HubError(f"hub thread did not stop within {timeout}s")
         self._close_pipe()
         if self._own_context:
-            self.context.term()
+            self._term_context(timeout)
+
+    def _term_context(self, timeout: float) -> None:
+        """Terminate the hub's own context. Nodes on inproc:// share it; while one of them is
+        open, libzmq's term waits for it, so termination is left to a background thread
+        instead of hanging `stop()` (it completes when the last such node closes)."""
+        closer = threading.Thread(target=self.context.term, name="bus-hub-term", daemon=True)
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            log.warning("hub stopped, but sockets of its zmq context are still open (nodes on "
+                        "inproc://?); the context terminates when they close")
 
     def __enter__(self) -> BusHub:
         return self.start()
@@ -206,10 +219,17 @@ class BusHub:
         sock.sndhwm = self._config.hwm
         sock.rcvhwm = self._config.hwm
         if kind == zmq.ROUTER:
-            sock.sndhwm = 0  # snapshots are bounded by max_keys; never cut one short
-        if self.keys is not None:
-            self.keys.apply_server(sock)
-        sock.bind(endpoint)
+            # Room for two whole snapshots per node (max_keys items and the end each): never cut
+            # one short, yet a node that asks again and again without reading cannot make the hub
+            # queue without bound (the ROUTER drops beyond it; that node's snapshot times out).
+            sock.sndhwm = 2 * (self._config.max_keys + 1)
+        try:
+            if self.keys is not None:
+                self.keys.apply_server(sock)
+            sock.bind(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         return sock, sock.get(zmq.LAST_ENDPOINT).decode()
 
     def _run(self) -> None:

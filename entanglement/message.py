@@ -23,7 +23,9 @@ Every update is one msgpack array (the *body*)::
 
 Static limits (part of the protocol): keys and agent ids <= 256 characters, extra strings
 <= 1024, extra lists <= 4096 items, <= 64 extra fields, phases <= 1 MiB. The frame size is
-limited at run time (`MessageLimits.max_frame_bytes`) before anything is decoded.
+limited at run time (`MessageLimits.max_frame_bytes`) before anything is decoded; a node refuses
+to publish an update larger than that (so, with the default limits, phases stay a little under
+1 MiB).
 
 The hub publishes *batches*: one single-frame message per poll wake-up, carrying every update
 it stamped in that turn (`pack_batch`, `unpack_batch`)::

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,6 +84,7 @@ class NodeCounters:
     resyncs: int = 0  # snapshot requests after the first
     hub_timeouts: int = 0  # hub silent for hub_timeout: sockets re-made
     callback_errors: int = 0  # exceptions raised by on_update callbacks (logged)
+    restored: int = 0  # own keys re-sent because the hub no longer had them (expired, restarted)
     # (node.counters returns a copy; callback_errors is filled in from the replica)
 
 
@@ -157,7 +158,8 @@ class BusNode:
     def publish(self, name: str, payload: Mapping[str, Any] | None) -> bool:
         """Publish `payload` under ``agent/<agent_id>/<name>`` (None deletes the key).
 
-        Validation errors raise `MalformedMessage` here. The update goes straight from the
+        Validation errors, and an update larger than `config.limits.max_frame_bytes`, raise
+        `MalformedMessage` here. The update goes straight from the
         calling thread to the hub (queued by ZeroMQ), or, within `config.coalesce` of the
         previous send, into the outbox the node thread sends as one parcel when it wakes (module
         docstring); the order of a node's updates is kept either way. The value is also kept
@@ -171,9 +173,13 @@ class BusNode:
             make_update(self.agent_id, key, None)  # validates the key once per name
             self._keys[name] = key
         body = encode_update(self.agent_id, key, payload)
-        if self._closed or not self._thread.is_alive():
-            raise NodeError(f"node {self.agent_id!r} is closed") from self.error
+        limit = self.config.limits.max_frame_bytes
+        if len(body) > limit:  # the hub would drop it as malformed: refuse it here instead
+            raise MalformedMessage(f"update {key!r} encodes to {len(body):,} bytes, over the bus's "
+                                   f"max_frame_bytes ({limit:,})")
         with self._send_lock:
+            if self._closed or self._push.closed or not self._thread.is_alive():
+                raise NodeError(f"node {self.agent_id!r} is closed") from self.error
             if payload is None:
                 self._own.pop(key, None)
             else:
@@ -290,7 +296,7 @@ class BusNode:
         _send_lock)."""
         try:
             self._push.send(frame, zmq.NOBLOCK)
-        except zmq.Again:
+        except (zmq.Again, zmq.ContextTerminated):  # hub overloaded or gone; its context ended
             self._counters.send_failed += max(updates, 1)
             return False
         self._counters.sent += updates
@@ -312,6 +318,11 @@ class BusNode:
         try:
             self._poller.register(self._pipe_in, zmq.POLLIN)
             self._loop()
+        except zmq.ContextTerminated as exc:  # the hub owning our (inproc) context stopped first
+            self.error = NodeError(f"node {self.agent_id!r}: its zmq context was terminated "
+                                   "(the hub that owns it stopped)")
+            self.error.__cause__ = exc
+            log.warning("%s", self.error)
         except BaseException as exc:  # record why the thread died; the caller sees NodeError
             self.error = exc
             log.error("bus node %r thread died: %r", self.agent_id, exc)
@@ -431,6 +442,7 @@ class BusNode:
             # the whole batch is contiguous): apply it in one go.
             replica.apply_batch(items)
             self._counters.applied += len(items)
+            self._restore_own(items)
             self._check_head(epoch, last_seq)
             return len(items)
         for msg in items:
@@ -510,11 +522,29 @@ class BusNode:
             self._flush_outbox()  # older than what follows, so it goes first
             for key, body in self._own.items():
                 if key not in self._replica:
+                    self._counters.restored += self._request_id > 1  # a re-sync, not the first
                     self._send(body, updates=1)  # the hub lost it (restart or expiry)
 
     def _apply(self, msg: StateUpdate) -> None:
         self._replica.apply(msg)
         self._counters.applied += 1
+        self._restore_own((msg,))
+
+    def _restore_own(self, applied: Sequence[StateUpdate]) -> None:
+        """Re-send own keys that `applied` deleted although this node still holds them: the
+        hub expired this agent (its heartbeats stalled for `ttl`, e.g. behind a slow callback)
+        while it was alive. A deletion the node asked for is not undone: `publish(name, None)`
+        forgets the key before the deletion is sent."""
+        lost = [m.key for m in applied if m.payload is None and m.agent == self.agent_id]
+        if not lost:
+            return
+        with self._send_lock:
+            for key in lost:
+                body = self._own.get(key)
+                if body is not None:
+                    log.debug("node %r: hub deleted own key %r, re-sending it", self.agent_id, key)
+                    self._counters.restored += 1
+                    self._send(body, updates=1)
 
     def _activate(self) -> None:
         self._state = NodeState.ACTIVE  # called by the replica under its lock

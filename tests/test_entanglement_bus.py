@@ -21,6 +21,9 @@ from entanglement import (
     BusHub,
     BusKeys,
     BusNode,
+    HubError,
+    MalformedMessage,
+    MessageLimits,
     NodeError,
     NodeState,
     StateUpdate,
@@ -30,7 +33,7 @@ from entanglement.testing import converged, fixed_tcp_endpoints, wait_converged
 
 pytestmark = pytest.mark.timeout(30)
 
-FAST = dict(heartbeat_interval=0.05, hub_timeout=0.4, ttl=0.6, snapshot_timeout=0.5)
+FAST = dict(heartbeat_interval=0.05, hub_timeout=0.4, ttl=1.0, snapshot_timeout=0.5)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -422,3 +425,111 @@ def test_coalesce_zero_sends_every_update_alone() -> None:
     finally:
         a.close()
         hub.stop()
+
+
+def test_a_stalled_node_gets_its_expired_keys_back() -> None:
+    """A node whose thread stalls past the TTL (here a slow callback: no heartbeats) is expired
+    by the hub although it is alive; when it wakes it sees its own keys deleted and sends them
+    again, so everyone has them back. A deletion the node asked for stays a deletion."""
+    hub = BusHub(BusConfig(security="none", **dict(FAST, ttl=0.3))).start()
+    stalled = threading.Event()
+
+    def slow_callback(u: StateUpdate) -> None:
+        if u.key == "agent/w/stall" and not stalled.is_set():
+            stalled.set()
+            time.sleep(1.0)  # the node thread is stuck here, well past the TTL
+
+    slow = BusNode("slow", hub.config, on_update=slow_callback)
+    w = BusNode("w", hub.config)
+    gone: list[str] = []
+    w.on_update(lambda u: gone.append(u.key) if u.payload is None else None)
+    try:
+        assert slow.wait_active(5) and w.wait_active(5)
+        slow.publish("phase", {"step": 7})
+        assert w.wait_for(lambda n: "phase" in n.latest("slow"), 5)
+        w.publish("stall", {"step": 1})
+        assert wait_until(lambda: "agent/slow/phase" in gone, 5)  # expired while stalled
+        assert w.wait_for(lambda n: "phase" in n.latest("slow"), 5)  # and back after it
+        assert w.latest("slow")["phase"].payload["step"] == 7
+        assert slow.counters.restored >= 1 and hub.counters.expired_agents >= 1
+        assert slow.wait_for(lambda n: "phase" in n.latest("slow"), 5)  # its own copy too
+
+        restored = slow.counters.restored
+        slow.delete("phase")
+        assert w.wait_for(lambda n: "phase" not in n.latest("slow"), 5)
+        slow.publish("other", {"step": 2})  # later traffic from slow: the deletion was applied before it
+        assert w.wait_for(lambda n: "other" in n.latest("slow"), 5)
+        assert "phase" not in w.latest("slow") and slow.counters.restored == restored
+    finally:
+        slow.close()
+        w.close()
+        hub.stop()
+
+
+def test_an_update_over_the_frame_limit_is_refused_at_publish() -> None:
+    config = BusConfig(security="none", limits=MessageLimits(max_frame_bytes=4096), **FAST)
+    with BusHub(config) as hub:
+        a = BusNode("a", hub.config)
+        try:
+            assert a.wait_active(5)
+            big = {"phases": np.zeros(2048, "<f4").tobytes()}  # 8 KiB of phases
+            with pytest.raises(MalformedMessage, match="max_frame_bytes"):
+                a.publish("phase", big)
+            assert a.counters.sent == 0
+            a.publish("phase", {"step": 1})
+            assert a.wait_for(lambda n: "phase" in n.latest("a"), 5)
+            assert a.latest("a")["phase"].payload.phases is None
+            assert hub.counters.malformed == 0 and a.counters.sent == 1
+        finally:
+            a.close()
+
+
+def test_stopping_the_hub_before_an_inproc_node_does_not_hang() -> None:
+    """Nodes on inproc share the hub's context: stopping the hub first ends them (NodeError on
+    publish) instead of blocking in the context's termination; closing them afterwards works."""
+    hub = BusHub(BusConfig(endpoints=BusEndpoints.inproc(), security="none", **FAST)).start()
+    node = BusNode("a", hub.config, context=hub.context)
+    assert node.wait_active(5)
+    hub.stop(timeout=1.0)  # the pytest timeout catches a hang
+    assert wait_until(lambda: not node.alive, 5)
+    with pytest.raises(NodeError, match="closed"):
+        node.publish("x", {"value": 1})
+    node.close()
+    assert wait_until(lambda: hub.context.closed, 5)  # terminated once the node's sockets closed
+
+
+def test_publish_racing_close_only_ever_raises_node_error() -> None:
+    hub = BusHub(BusConfig(security="none", **FAST)).start()
+    errors: list[BaseException] = []
+    try:
+        for _ in range(10):
+            node = BusNode("a", hub.config)
+            assert node.wait_active(5)
+
+            def publish_until_closed() -> None:
+                while True:
+                    try:
+                        node.publish("x", {"value": 1})
+                    except NodeError:
+                        return
+                    except BaseException as exc:  # what the test is looking for
+                        errors.append(exc)
+                        return
+
+            t = threading.Thread(target=publish_until_closed)
+            t.start()
+            time.sleep(0.01)
+            node.close()
+            t.join(5)
+            assert not t.is_alive()
+    finally:
+        hub.stop()
+    assert errors == []
+
+
+def test_a_hub_that_fails_to_start_releases_its_context() -> None:
+    with BusHub(BusConfig(security="none", **FAST)) as first:
+        second = BusHub(first.config)  # the same, already bound endpoints
+        with pytest.raises(HubError, match="failed to start"):
+            second.start()
+        assert second.context.closed
