@@ -75,7 +75,7 @@ class ResoLLMInference:
             if config.network_signature() != model.config.network_signature():
                 raise ValueError("config describes a different network than the model's "
                                  f"({config.network_signature()} vs {model.config.network_signature()})")
-            model.session.config = config
+            model.session.apply_config(config)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or model.config
@@ -95,14 +95,17 @@ class ResoLLMInference:
                  halt_on_instability: bool | None = None) -> GenerationResult:
         """Continue ``prompt`` by up to ``max_length`` tokens.
 
-        ``seed=None`` uses ``session.seed + session.turn`` (successive calls differ, a restored
+        ``None`` sampling options use the engine's; ``top_k=0`` and ``top_p=1.0`` switch that
+        filter off for this call. ``seed=None`` uses ``session.seed + session.turn`` (successive calls differ, a restored
         session continues identically). ``chat=True`` wraps the prompt in the chat template.
         """
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         s = self.sampling
-        params = SamplingParams(s.temperature if temperature is None else temperature, top_k or s.top_k,
-                                top_p or s.top_p, s.repetition_penalty if repetition_penalty is None else repetition_penalty)
+        params = SamplingParams(s.temperature if temperature is None else temperature,
+                                s.top_k if top_k is None else (top_k or None),  # 0: no top-k for this call
+                                s.top_p if top_p is None else top_p,
+                                s.repetition_penalty if repetition_penalty is None else repetition_penalty)
         tok = self.tokenizer
         ids = (tok.chat_prompt_ids(prompt) if chat else tok.encode(prompt)) or [tok.bos_id]
         return self.generate_ids(ids, max_length, params, seed, prompt=prompt, chat=chat, stop_at_eos=stop_at_eos,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from core_model.config import ResoLLMConfig
+from core_model.config import AgencyConfig, ResoLLMConfig
+from core_model.inference import ResoLLMInference
 from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
 from orchestrator.cli import app
@@ -53,10 +55,47 @@ def test_chat_through_a_real_pipe(checkpoint):
     if not reso.exists():
         pytest.skip(f"console script not installed at {reso}")
     proc = subprocess.run([str(reso), "chat", "--checkpoint", str(checkpoint),
-                           "-n", "8", "--no-metrics"], input="hi\nmetrics\nhi again\n", capture_output=True,
-                          text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parents[1])
+                           "-n", "8", "--no-metrics"],
+                          input="hi\nmetrics\ngoal talk about gardens\nhi again\nstatus\nexit\nnever read\n",
+                          capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("reso> ") == 2 and proc.stdout.count(METRICS) == 1  # toggled on; EOF ends
+    out = proc.stdout
+    assert out.count("reso> ") == 2 and out.count(METRICS) == 1  # toggled on for the second answer
+    assert "goal set for the next response: talk about gardens" in out
+    status = [l for l in out.splitlines() if "status: stability=" in l]
+    assert len(status) == 1 and "turn=2" in status[0] and "memory=2 moments" in status[0]
+    assert "goals=[none]" in status[0]  # the goal lasted one response
+    assert out.rstrip().endswith("bye")  # exit: "never read" is not answered
+
+
+def _chat(engine: ResoLLMInference, script: str) -> str:
+    out = io.StringIO()
+    engine.interactive_session(show_metrics=False, input_stream=io.StringIO(script), output_stream=out,
+                               max_length=6)
+    return out.getvalue()
+
+
+def test_every_pending_goal_lasts_one_response_and_a_refused_goal_is_not_fatal():
+    torch.manual_seed(0)
+    tok = create_default_tokenizer()
+    cfg = ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256,
+                        agency=AgencyConfig(max_goals=2))
+    model = ResoLLMModel(cfg).eval()
+    engine = ResoLLMInference(model, tok)
+    out = _chat(engine, "goal talk about gardens\ngoal describe rivers\ngoal explain mountains\n"
+                        "status\nhello\nstatus\nexit\n")
+    assert out.count("goal set for the next response") == 2
+    assert "goal not set: 2 goals are already active" in out  # reported; the chat carries on
+    first, second = [l for l in out.splitlines() if "status: stability=" in l]
+    assert "gardens" in first and "rivers" in first
+    assert "goals=[none]" in second and out.count("reso> ") == 1
+    assert {g.status for g in model.session.agency.goals} <= {"abandoned", "achieved"}
+
+    off = ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256,
+                        agency=AgencyConfig(enabled=False))
+    out = _chat(ResoLLMInference(ResoLLMModel(off).eval(), tok), "goal talk about gardens\nhello\nexit\n")
+    assert "goal not set:" in out and out.count("reso> ") == 1 and out.rstrip().endswith("bye")
 
 
 def test_bad_checkpoint_exits_2(tmp_path):

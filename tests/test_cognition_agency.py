@@ -12,7 +12,9 @@ from core_model.cognition import CognitionError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core_model.cognition.agency import Goal, SteeringTable, compute_foci, content_words, group_words, steering_bias
+from core_model.cognition.agency import (
+    Goal, SteeringTable, compute_foci, content_words, group_words, steering_bias, word_coverage,
+)
 from core_model.config import AgencyConfig
 from core_model.inference import ResoLLMInference
 from core_model.tokenizer import create_default_tokenizer
@@ -217,3 +219,13 @@ def test_rows_buffer_copies_batches_of_rows_of_either_shape():
             if i == 5:
                 assert torch.equal(rows.view(), torch.stack(want))  # a read flushes what is pending
         assert rows.count == n and torch.equal(rows.view(), torch.stack(want)), (shape, dtype)
+
+
+def test_coverage_counts_whole_words_and_plurals_only():
+    assert word_coverage(["rain"], "We are training the model.") == 0.0  # not inside another word
+    assert word_coverage(["rain"], "Rain, again.") == 1.0
+    assert word_coverage(["goal", "wave"], "Two goals; the waves.") == 1.0  # plurals count
+    assert word_coverage(["beginner-friendly", "ocean"], "a beginner-friendly text") == 0.5
+    model = tiny()
+    goal = model.create_goal("rain forecast")
+    assert model.goal_progress(goal, "training forecasters") < 0.5  # no coverage from substrings

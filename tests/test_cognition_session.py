@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core_model.cognition import CognitiveSession, SessionStateError
-from core_model.config import ResoLLMConfig
+from core_model.config import PRSCConfig, ResoLLMConfig, StochasticResonanceConfig, TemporalSMFConfig
 from core_model.inference import ResoLLMInference
 from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
@@ -80,3 +80,31 @@ def test_reset_and_mismatch():
         CognitiveSession.from_dict({"format": 1, "model": state["model"], "seed": 0}, model.config)
     with pytest.raises(SessionStateError):
         CognitiveSession.from_dict({"format": 99}, model.config)
+
+
+def test_an_engine_with_new_settings_applies_them_to_the_state():
+    tok = create_default_tokenizer()
+    model, _ = busy_model(tok)
+    assert len(model.session.memory) >= 2
+    recent = list(model.session.repetition.tokens)[-8:]
+    cfg = config(temporal_smf=TemporalSMFConfig(max_moments=1, memory_decay_rate=0.5),
+                 stochastic_resonance=StochasticResonanceConfig(repetition_window=8),
+                 prsc=PRSCConfig(max_bindings=2))
+    ResoLLMInference(model, tok, cfg)
+    s = model.session
+    assert s.config is cfg and len(s.memory) == 1  # pruned to the new capacity, the strongest kept
+    assert s.memory.moments[0].text == "The train leaves from platform nine."
+    assert s.memory.decay_rate == 0.5 and s.repetition.window == 8 and list(s.repetition.tokens) == recent
+    assert s.concepts.max_bindings == 2
+
+
+def test_a_restored_session_is_checked_like_new_bindings():
+    tok = create_default_tokenizer()
+    model, _ = busy_model(tok)
+    state = model.session.to_dict()
+    bad = json.loads(json.dumps(state))
+    bad["concepts"]["bindings"][0]["token_ids"] = [10**6]
+    with pytest.raises(SessionStateError, match="token ids"):
+        CognitiveSession.from_dict(bad, model.config)
+    with pytest.raises(SessionStateError, match="max_bindings"):
+        CognitiveSession.from_dict(state, config(prsc=PRSCConfig(max_bindings=1)))

@@ -88,3 +88,15 @@ def test_chat_stops_at_end_of_turn_and_errors():
         model.head.weight[tok.end_id] = 3 * h / h.norm()
     r = engine.generate("hi", max_length=50, seed=0, chat=True)
     assert r.tokens_generated < 50 and r.token_ids[-1] in (tok.end_id, tok.eos_id)
+
+
+def test_a_call_can_switch_off_the_engines_filters():
+    tok = create_default_tokenizer()
+    model = tiny(**all_off())
+    greedy_like = ResoLLMInference(model, tok, temperature=1.0, top_k=1, top_p=0.5)
+    free = ResoLLMInference(model, tok, temperature=1.0)
+    a = greedy_like.generate("Hello", max_length=20, seed=3, stop_at_eos=False, top_k=0, top_p=1.0)
+    b = free.generate("Hello", max_length=20, seed=3, stop_at_eos=False)
+    c = greedy_like.generate("Hello", max_length=20, seed=3, stop_at_eos=False)
+    assert a.token_ids == b.token_ids  # both filters off for that one call
+    assert c.token_ids != b.token_ids and greedy_like.sampling.top_k == 1  # the engine's settings stay

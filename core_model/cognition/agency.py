@@ -5,7 +5,7 @@ states, centred by the model's mean hidden state on a neutral calibration text).
 generation with running mean hidden state ``m`` (centred the same way) and text ``y``:
 
     progress = 1/2 * max(0, cos(m, g)) + 1/2 * coverage(y),
-    coverage(y) = share of the goal's content words present in y
+    coverage(y) = share of the goal's content words present in y as whole words (plurals count)
 
 and the goal is achieved once ``progress >= achievement_threshold``. Active goals steer
 decoding with a logit bias on goal-word tokens: the next token of a goal word whose prefix the
@@ -27,6 +27,7 @@ duration counts the generated tokens since the focus was first held without inte
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -54,11 +55,23 @@ def content_words(text: str) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _word_pattern(word: str) -> re.Pattern[str]:
+    """``word`` as a whole word of lower-cased text, plural endings allowed ("goal" matches
+    "goals", not "goalkeeper"; "rain" does not match "training")."""
+    return re.compile(rf"(?<![a-z]){re.escape(word)}(?:s|es)?(?![a-z])")
+
+
+def words_present(words: list[str], low: str) -> list[bool]:
+    """For each (lower-case) word, whether it occurs as a whole word in the lower-cased ``low``."""
+    return [_word_pattern(w).search(low) is not None for w in words]
+
+
 def word_coverage(words: list[str], text: str) -> float:
+    """Share of ``words`` occurring in ``text`` as whole words (see ``_word_pattern``)."""
     if not words:
         return 0.0
-    low = text.lower()
-    return sum(1 for w in words if w in low) / len(words)
+    return sum(words_present(words, text.lower())) / len(words)
 
 
 def centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -113,8 +126,7 @@ class Goal:
 
     def update(self, mean_hidden: np.ndarray | None, text: str, threshold: float, step: int) -> bool:
         """Refresh progress and stall; returns True when the goal becomes achieved now."""
-        low = text.lower()
-        self.covered = [w in low for w in self.words]
+        self.covered = words_present(self.words, text.lower())
         p = self._progress(mean_hidden, sum(self.covered) / len(self.words) if self.words else 0.0)
         self.stall = 0 if p > self.progress + 0.01 else min(self.stall + 1, 4)
         self.progress = p

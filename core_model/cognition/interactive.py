@@ -1,7 +1,8 @@
 """The interactive chat loop behind ``ResoLLMInference.interactive_session`` and ``reso chat``.
 
 Lines read from ``input_stream``: ``exit`` ends; ``goal <description>`` sets a goal for the
-next response; ``status`` prints the session's state; ``metrics`` toggles the metrics line
+next response (several may be set; after that response those not achieved are abandoned; a goal
+that cannot be created, e.g. agency off or ``max_goals`` reached, is reported, not fatal); ``status`` prints the session's state; ``metrics`` toggles the metrics line
 printed after each response; anything else is a user message, answered with the whole
 conversation in the chat template as context. Each user message is also stored in the
 episodic memory (importance 0.5) when memory is enabled.
@@ -12,6 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, TextIO
 
 from ..tokenizer import ChatTurn
+from .agency import Goal
+from .errors import CognitionError
 
 if TYPE_CHECKING:
     from ..inference import ResoLLMInference
@@ -32,7 +35,7 @@ def status_text(engine: "ResoLLMInference") -> str:
 
 def run_interactive(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO, out: TextIO, max_length: int) -> None:
     tok, session = engine.tokenizer, engine.session
-    pending_goal = None
+    pending_goals: list[Goal] = []
 
     def say(line: str) -> None:
         out.write(line + "\n")
@@ -64,7 +67,11 @@ def run_interactive(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO,
             if not desc:
                 say("usage: goal <description>")
                 continue
-            pending_goal = engine.model.create_goal(desc, "task")
+            try:
+                pending_goals.append(engine.model.create_goal(desc, "task"))
+            except CognitionError as exc:  # agency off, or max_goals reached: say so, carry on
+                say(f"goal not set: {exc}")
+                continue
             say(f"goal set for the next response: {desc}")
             continue
         if session.config.temporal_smf.enabled:
@@ -73,9 +80,10 @@ def run_interactive(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO,
         turns = [ChatTurn(t["role"], t["text"]) for t in session.history]
         ids = tok.encode_chat(turns, add_generation_prompt=True)
         result = engine.generate_ids(ids, max_length, chat=True, prompt=msg)
-        if pending_goal is not None and pending_goal.status == "active":
-            pending_goal.status = "abandoned"
-        pending_goal = None
+        for goal in pending_goals:  # a goal lasts one response: those not achieved are dropped
+            if goal.status == "active":
+                goal.status = "abandoned"
+        pending_goals = []
         session.history.append({"role": "assistant", "text": result.text})
         say(f"reso> {result.text}")
         if result.goals_achieved:

@@ -66,6 +66,13 @@ class TemporalSedenionMemory:
         self.clock = 0
         self.moments: list[Moment] = []
 
+    def configure(self, decay_rate: float, max_moments: int, episodic_tagging: bool) -> None:
+        """New settings for the moments held (beyond ``max_moments`` the weakest are pruned)."""
+        if decay_rate < 0 or max_moments < 1:
+            raise ValueError("decay_rate must be >= 0 and max_moments >= 1")
+        self.decay_rate, self.max_moments, self.episodic_tagging = decay_rate, max_moments, episodic_tagging
+        self._prune()
+
     def __len__(self) -> int:
         return len(self.moments)
 

@@ -156,5 +156,15 @@ class ConceptStore:
         return {"bindings": [c.to_dict() for c in self.bindings.values()]}
 
     def load(self, data: dict[str, Any]) -> None:
-        self.bindings = {d["name"]: ConceptBinding.from_dict(d) for d in data["bindings"]}
+        """Replace the bindings by those of ``to_dict`` output, checked like ``bind`` checks them."""
+        bindings = {d["name"]: ConceptBinding.from_dict(d) for d in data["bindings"]}
+        if len(bindings) > self.max_bindings:
+            raise CognitionError(f"{len(bindings)} concepts, more than max_bindings={self.max_bindings}")
+        for c in bindings.values():
+            bad = [t for t in c.token_ids if not 0 <= t < self.vocab_size]
+            if not c.token_ids or bad:
+                raise CognitionError(f"concept {c.name!r}: token ids {bad or '[]'} not in [0, {self.vocab_size})")
+            if len(c.phases) != self.num_phases:
+                raise CognitionError(f"concept {c.name!r}: {len(c.phases)} phases, the model has {self.num_phases}")
+        self.bindings = bindings
         self.version += 1

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import ResoLLMConfig
 from .agency import AgencyState
-from .errors import SessionStateError
+from .errors import CognitionError, SessionStateError
 from .memory import TemporalSedenionMemory
 from .prsc import ConceptStore
 from .resonance import RepetitionDetector
@@ -48,6 +48,18 @@ class CognitiveSession:
         self.turn = 0
         self.step = 0  # tokens generated over the session
         self._derived.clear()
+
+    def apply_config(self, config: ResoLLMConfig) -> None:
+        """Use ``config`` (same network) from now on, keeping the state: the memory's decay rate,
+        capacity (the weakest moments are pruned beyond it) and tagging, the concept store's
+        limits and the repetition window follow the new settings."""
+        self.config = config
+        smf, prsc = config.temporal_smf, config.prsc
+        self.memory.configure(smf.memory_decay_rate, smf.max_moments, smf.episodic_tagging)
+        self.concepts.max_bindings, self.concepts.coherence_threshold = prsc.max_bindings, prsc.coherence_threshold
+        window = config.stochastic_resonance.repetition_window
+        if window != self.repetition.window:
+            self.repetition = RepetitionDetector(window, self.repetition.n, tokens=list(self.repetition.tokens))
 
     def new_episode(self) -> int:
         self.episode += 1
@@ -108,7 +120,8 @@ class CognitiveSession:
             s.phases = None if data["phases"] is None else [float(v) for v in data["phases"]]
             s.history = [{"role": str(t["role"]), "text": str(t["text"])} for t in data["history"]]
             s.episode, s.turn, s.step = int(data["episode"]), int(data["turn"]), int(data["step"])
-        except (KeyError, TypeError, ValueError) as exc:
+            s.apply_config(config)  # the settings are the config's, the state is the dict's
+        except (KeyError, TypeError, ValueError, CognitionError) as exc:
             raise SessionStateError(f"malformed session dict: {exc!r}") from exc
         dim = len(s.agency.goals[0].vector) if s.agency.goals else config.dim
         if dim != config.dim:
