@@ -10,7 +10,11 @@ The hub owns the sequence. Its thread runs one poll loop over
     zap      (REP)     RFC 27 authentication of CURVE clients (security "curve" only)
     pipe     (PAIR)    commands from the owning thread (stop)
 
-and, on every heartbeat tick, expires the keys of agents not heard from for `ttl` seconds by
+With CURVE, every collected message carries the name of the credential that sent it (the ZAP
+User-Id): a per-agent credential (`add_client(agent_id)`) may only publish and heartbeat as
+that agent; the shared run credential (`SHARED_CLIENT`) may speak for any agent.
+
+On every heartbeat tick the hub expires the keys of agents not heard from for `ttl` seconds by
 publishing a deletion (payload nil, a new seq) for each of them.
 
 Publishing is batched (wire format in `entanglement.message`): everything the collector holds
@@ -52,7 +56,7 @@ from entanglement.message import (
     unpack,
     unpack_parcel,
 )
-from entanglement.security import BusKeys, NodeCredentials, SecurityError, ZapHandler
+from entanglement.security import SHARED_CLIENT, BusKeys, NodeCredentials, SecurityError, ZapHandler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -191,7 +195,7 @@ class BusHub:
             raise SecurityError("security is 'none': there are no client keys")
         creds = self.keys.add_client(name)
         if self._zap is not None:
-            self._zap.allow(creds.client.public)
+            self._zap.allow(creds.client.public, name)
         return creds
 
     def agents(self) -> set[str]:
@@ -236,7 +240,7 @@ class BusHub:
         socks: list[zmq.Socket] = []
         try:
             if self.keys is not None:
-                self._zap = ZapHandler(self.context, self.keys.allowed_public_keys())
+                self._zap = ZapHandler(self.context, self.keys.client_names())
             eps = self._config.endpoints
             snapshot, snap_ep = self._bind(zmq.ROUTER, eps.snapshot)
             socks.append(snapshot)
@@ -290,12 +294,19 @@ class BusHub:
                 self.counters.auth_denied = self._zap.denied
             if collector in events:
                 heard: dict[str, None] = {}
+                # CURVE: each message says whose credential sent it (no handshake over inproc)
+                bound = self._zap is not None and not self._config.endpoints.is_inproc
                 for _ in range(_DRAIN):  # one zmq.Again per wake-up ends the drain
                     try:
-                        frame = collector.recv(zmq.NOBLOCK, copy=True)
+                        if bound:
+                            message = collector.recv(zmq.NOBLOCK, copy=False)
+                            user = message.get("User-Id")
+                            self._collect(message.bytes, publisher, heard,
+                                          None if user == SHARED_CLIENT else user)
+                        else:
+                            self._collect(collector.recv(zmq.NOBLOCK, copy=True), publisher, heard)
                     except zmq.Again:
                         break
-                    self._collect(frame, publisher, heard)
                 self._flush(publisher)
                 self._touch(heard, time.monotonic())
             if snapshot in events:
@@ -312,16 +323,19 @@ class BusHub:
                 publisher.send(pack_batch(self.epoch, self._seq, []))  # the heartbeat
                 next_tick = now + interval
 
-    def _collect(self, frame: bytes, publisher: zmq.Socket, heard: dict[str, None]) -> None:
+    def _collect(self, frame: bytes, publisher: zmq.Socket, heard: dict[str, None],
+                 bound: str | None = None) -> None:
         """Validate, stamp and batch one collected frame (a body, or a parcel of bodies each
         handled on its own); `heard` gathers the senders of this loop turn (their liveness is
-        recorded once per turn, see `_touch`)."""
+        recorded once per turn, see `_touch`). `bound`: the agent id the sender's credential is
+        bound to (None: the shared run credential, or no security), the only agent it may
+        speak for."""
         self.counters.received += 1
         if is_parcel(frame):
             for body in self._decoded(unpack_parcel, frame, "parcel") or ():
-                self._collect_body(body, publisher, heard)
+                self._collect_body(body, publisher, heard, bound)
         else:
-            self._collect_body(frame, publisher, heard)
+            self._collect_body(frame, publisher, heard, bound)
 
     def _decoded(self, decode: Callable[[bytes, MessageLimits], T], frame: bytes, what: str) -> T | None:
         """``decode(frame, limits)``, or None for a malformed frame (counted and logged)."""
@@ -332,11 +346,16 @@ class BusHub:
             log.debug("hub: dropped malformed %s: %s", what, exc)
             return None
 
-    def _collect_body(self, frame: bytes, publisher: zmq.Socket, heard: dict[str, None]) -> None:
+    def _collect_body(self, frame: bytes, publisher: zmq.Socket, heard: dict[str, None],
+                      bound: str | None) -> None:
         msg = self._decoded(unpack, frame, "frame")
         if msg is None:
             return
         key, agent = msg.key, msg.agent
+        if bound is not None and agent != bound:
+            self.counters.rejected += 1  # a per-agent credential speaking for another agent
+            log.debug("hub: rejected %r claiming agent %r from credential %r", key, agent, bound)
+            return
         if key == NODE_HEARTBEAT:
             heard[agent] = None
             return

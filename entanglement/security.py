@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"reso-bus"
+# The run-wide client credential: whoever holds it may speak for any agent id. Credentials made
+# under any other name (`BusKeys.add_client(agent_id)`) bind their holder to that agent id: the
+# hub refuses updates and heartbeats they send for another agent (see `BusHub`).
+SHARED_CLIENT = "default"
 
 
 class SecurityError(RuntimeError):
@@ -106,7 +110,11 @@ class BusKeys:
         return NodeCredentials(self.server.public, self.clients[name])
 
     def allowed_public_keys(self) -> set[bytes]:
-        return {pair.public.encode("ascii") for pair in self.clients.values()}
+        return set(self.client_names())
+
+    def client_names(self) -> dict[bytes, str]:
+        """Public key (z85, bytes) -> the client name it was issued under."""
+        return {pair.public.encode("ascii"): name for name, pair in self.clients.items()}
 
     def apply_server(self, socket: zmq.Socket) -> None:
         """Make `socket` a CURVE server whose clients are checked by ZAP."""
@@ -139,8 +147,9 @@ class ZapHandler:
     counts refusals). `allow()` may be called from any thread.
     """
 
-    def __init__(self, context: zmq.Context, allowed: Iterable[bytes]) -> None:
-        self._allowed = set(allowed)
+    def __init__(self, context: zmq.Context, allowed: Mapping[bytes, str] | Iterable[bytes]) -> None:
+        # public key -> client name, answered as the ZAP User-Id (the hub binds it to an agent id)
+        self._allowed = dict(allowed) if isinstance(allowed, Mapping) else dict.fromkeys(allowed, SHARED_CLIENT)
         self._lock = threading.Lock()
         self.accepted = 0
         self.denied = 0
@@ -154,10 +163,10 @@ class ZapHandler:
                 f"cannot bind the ZAP handler ({exc}); is another hub using this context?"
             ) from exc
 
-    def allow(self, public_key: str | bytes) -> None:
+    def allow(self, public_key: str | bytes, name: str = "default") -> None:
         key = public_key.encode("ascii") if isinstance(public_key, str) else public_key
         with self._lock:
-            self._allowed.add(key)
+            self._allowed[key] = name
 
     def handle(self) -> None:
         """Answer one pending ZAP request."""
@@ -174,10 +183,11 @@ class ZapHandler:
         if ok:
             key = z85.encode(credentials[0]) if len(credentials[0]) == 32 else b""
             with self._lock:
-                ok = key in self._allowed
+                name = self._allowed.get(key)
+            ok = name is not None
         if ok:
             self.accepted += 1
-            self.socket.send_multipart([b"1.0", request_id, b"200", b"OK", key, b""])
+            self.socket.send_multipart([b"1.0", request_id, b"200", b"OK", name.encode(), b""])
         else:
             self.denied += 1
             log.debug("ZAP: refused %s client from %r (domain %r)", mechanism, address, domain)

@@ -158,3 +158,33 @@ def test_two_hubs_cannot_share_one_context() -> None:
     finally:
         first.stop()
         ctx.term()
+
+
+def test_a_per_agent_credential_speaks_only_for_its_agent(hub: BusHub) -> None:
+    """Credentials made for agent "a" publish as "a"; a node using them under another agent id
+    is refused by the hub (its updates and heartbeats counted as rejected, never stored), while
+    the shared run credential may still speak for any agent."""
+    honest = BusNode("a", hub.config, hub.add_client("a"))
+    impostor = BusNode("b", hub.config, hub.add_client("a"))  # a's keys, b's id
+    shared = BusNode("c", hub.config, hub.credentials())
+    try:
+        assert honest.wait_active(5) and shared.wait_active(5)
+        honest.publish("x", {"value": 1})
+        impostor.publish("x", {"value": 2})
+        shared.publish("x", {"value": 3})
+        assert shared.wait_for(lambda n: {"a", "c"} <= n.peers(include_self=True), 5)
+        assert wait_rejected(hub)
+        assert "b" not in hub.agents() and "agent/b/x" not in hub.keys_snapshot()
+        assert set(hub.keys_snapshot()) == {"agent/a/x", "agent/c/x"}
+    finally:
+        for node in (honest, impostor, shared):
+            node.close()
+
+
+def wait_rejected(hub: BusHub, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while hub.counters.rejected == 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
