@@ -27,12 +27,15 @@ from entanglement import (
     BusNode,
     MalformedMessage,
     MessageLimits,
+    NodeState,
+    StatePayload,
     StateUpdate,
     unpack,
 )
 from entanglement.message import (
     BATCH_OVERHEAD,
     WIRE_VERSION,
+    encode,
     is_parcel,
     pack_batch,
     pack_parcel,
@@ -407,3 +410,78 @@ def test_hub_splits_batches_at_the_message_limits() -> None:
         ctx.term()
         watcher.close()
         hub.stop()
+
+
+def test_an_active_node_survives_fuzzed_batches_and_heals_by_snapshot() -> None:
+    """Fuzzed batches that continue an ACTIVE node's sequence (the path of real traffic, not the
+    snapshot wait): a batch of valid bodies is applied in full; any invalid body is counted and
+    its hole makes the node re-sync, after which it holds exactly the snapshot the (scripted)
+    hub sent. The node never dies and never holds anything the hub did not send as valid."""
+    ctx = zmq.Context()
+    pub, router, node = scripted_hub(ctx, sndhwm=0)
+    epoch = 42
+    state = {"seq": 0, "map": {}, "bodies": 0, "resyncs": 0, "applied": 0}
+
+    def answer_snapshot() -> None:
+        assert router.poll(5000)
+        identity, request = router.recv_multipart()
+        req = unpack(request)
+        for key, upd in state["map"].items():
+            router.send_multipart([identity, encode(StateUpdate(key, upd.agent, upd.payload, state["seq"],
+                                                                epoch, upd.timestamp))])
+        end = StateUpdate("$snapshot-end", "hub", StatePayload(extra={"request": req.payload["request"]}),
+                          state["seq"], epoch, 1.0)
+        router.send_multipart([identity, encode(end)])
+        assert node.wait_for(lambda n: n.node_state is NodeState.ACTIVE and n.seq == state["seq"], 5)
+
+    try:
+        answer_snapshot()
+        while node.counters.received < 3:  # the subscription is live once heartbeats arrive
+            pub.send(pack_batch(epoch, 0, []))
+            time.sleep(0.01)
+
+        good_batches = st.lists(valid_fields.map(lambda f: ("good", packb(f))), min_size=1, max_size=25)
+
+        @settings(max_examples=2 * NODE_BATCHES, **FUZZ_SETTINGS)
+        @given(st.one_of(good_batches, st.lists(frames, min_size=5, max_size=25)))
+        def feed(batch: list[tuple[str, bytes]]) -> None:
+            bodies = [f for _, f in batch]
+            before = node.counters
+            last = state["seq"] + len(bodies)
+            pub.send(pack_batch(epoch, last, bodies))
+            assert wait_until(lambda: node.counters.received == before.received + 1)
+            valid = [valid_in_batch(f) for f in bodies]
+            state["seq"] = last  # where the hub is now, whatever the node made of the batch
+            assert all(valid) or any(kind != "good" for kind, _ in batch)  # "good" by construction
+            if all(valid):  # applied in full, in order: the node's map is the hub's map
+                assert node.wait_for(lambda n: n.seq == last, 5)
+                state["applied"] += 1
+                assert node.counters.malformed == before.malformed
+                for f in bodies:
+                    upd = unpack(f)
+                    if upd.payload is None:
+                        state["map"].pop(upd.key, None)
+                    else:
+                        state["map"][upd.key] = upd
+            else:
+                assert node.counters.malformed > before.malformed  # counted, dropped
+                # The hole is a gap (or, for a batch frame that does not decode at all, the next
+                # heartbeat is ahead of the node): it asks for a snapshot, and the hub's map is
+                # what it had before the batch.
+                pub.send(pack_batch(epoch, last, []))
+                answer_snapshot()
+                state["resyncs"] += 1
+            assert node.node_state is NodeState.ACTIVE and node.seq == last
+            got = {k: (u.agent, u.payload) for k, u in node.state().items()}
+            assert got == {k: (u.agent, u.payload) for k, u in state["map"].items()}
+            state["bodies"] += len(bodies)
+
+        feed()
+        assert state["bodies"] >= 500 and state["resyncs"] >= 10 and state["applied"] >= 10
+        assert len(state["map"]) >= 3
+        assert node.alive and node.error is None
+    finally:
+        node.close()
+        pub.close()
+        router.close()
+        ctx.term()
