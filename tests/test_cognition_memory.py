@@ -106,3 +106,24 @@ def test_memory_can_be_switched_off():
     assert not hasattr(model, "memory_proj")
     with pytest.raises(CognitionError, match="disabled"):
         model.update_memory("anything")
+
+
+def test_decay_and_importance_reorder_recall():
+    """Equally similar moments: recall ranks the fresher first, unless an older one is important
+    enough to outweigh its decay (importance * exp(-rate * age))."""
+    rng = np.random.default_rng(0)
+    state = rng.standard_normal(16)
+    mem = TemporalSedenionMemory(decay_rate=0.05, max_moments=10)
+    mem.store(state, "old", importance=1.0)
+    mem.tick(20)
+    mem.store(state, "new", importance=1.0)
+    assert [r.text for r in mem.recall(state, k=2)] == ["new", "old"]
+    mem = TemporalSedenionMemory(decay_rate=0.05, max_moments=10)
+    mem.store(state, "old but important", importance=4.0)  # 4 * exp(-0.05 * 21) = 1.40 > 1
+    mem.tick(20)
+    mem.store(state, "new", importance=1.0)
+    assert [r.text for r in mem.recall(state, k=2)] == ["old but important", "new"]
+    mem.tick(20)  # ages now 42 and 21 (each store also ticks the clock once)
+    weights = {r.text: r.weight for r in mem.recall(state, k=2)}
+    assert weights["old but important"] == pytest.approx(4.0 * math.exp(-0.05 * 42))
+    assert weights["new"] == pytest.approx(math.exp(-0.05 * 21))
