@@ -60,7 +60,8 @@ class BusEndpoints:
 
     @property
     def is_inproc(self) -> bool:
-        return self.snapshot.startswith("inproc://")
+        """Whether any endpoint is in-process (then nodes must share the hub's context)."""
+        return any(ep.startswith("inproc://") for ep in (self.snapshot, self.publish, self.collect))
 
 
 @dataclass(frozen=True)

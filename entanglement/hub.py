@@ -295,18 +295,20 @@ class BusHub:
             if collector in events:
                 heard: dict[str, None] = {}
                 # CURVE: each message says whose credential sent it (no handshake over inproc)
-                bound = self._zap is not None and not self._config.endpoints.is_inproc
+                bound = self._zap is not None and not self._resolved.collect.startswith("inproc://")
                 for _ in range(_DRAIN):  # one zmq.Again per wake-up ends the drain
                     try:
                         if bound:
                             message = collector.recv(zmq.NOBLOCK, copy=False)
-                            user = message.get("User-Id")
-                            self._collect(message.bytes, publisher, heard,
-                                          None if user == SHARED_CLIENT else user)
                         else:
                             self._collect(collector.recv(zmq.NOBLOCK, copy=True), publisher, heard)
+                            continue
                     except zmq.Again:
                         break
+                    user = self._sender(message)
+                    if user is not None:
+                        self._collect(message.bytes, publisher, heard,
+                                      None if user == SHARED_CLIENT else user)
                 self._flush(publisher)
                 self._touch(heard, time.monotonic())
             if snapshot in events:
@@ -336,6 +338,16 @@ class BusHub:
                 self._collect_body(body, publisher, heard, bound)
         else:
             self._collect_body(frame, publisher, heard, bound)
+
+    def _sender(self, message: zmq.Frame) -> str | None:
+        """The client name ZAP gave the connection `message` came over, or None (counted as
+        rejected) if it has none: such a message is not accepted from a CURVE collector."""
+        try:
+            return message.get("User-Id")
+        except zmq.ZMQError:
+            self.counters.rejected += 1
+            log.debug("hub: a collected message without a ZAP User-Id was rejected")
+            return None
 
     def _decoded(self, decode: Callable[[bytes, MessageLimits], T], frame: bytes, what: str) -> T | None:
         """``decode(frame, limits)``, or None for a malformed frame (counted and logged)."""

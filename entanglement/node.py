@@ -2,8 +2,8 @@
 
 The node's own thread owns the receiving sockets (SUB <- hub PUB, DEALER <-> hub ROUTER) and
 listens to an inproc PAIR pipe (stop, flush). The one outbound socket (PUSH -> hub PULL) is shared
-by `publish()` callers and the node thread (heartbeats, re-publishing, flushing) strictly under a
-lock. An update leaves from the caller's thread without an extra thread hop, unless the node sent
+by `publish()` callers, the heartbeat thread and the node thread (re-publishing, flushing)
+strictly under a lock. An update leaves from the caller's thread without an extra thread hop, unless the node sent
 one less than `BusConfig.coalesce` ago: then it joins the node's outbox, and the node thread, woken
 through the pipe when the outbox stops being empty, sends everything in it as one parcel (see
 `entanglement.message`). Readers use a lock too.
@@ -21,7 +21,10 @@ States and transitions::
 While SYNCING, updates from SUB are queued; those the snapshot covers are dropped (counted).
 The hub publishes batches (see `entanglement.message`): every body in a batch is validated on
 its own; a malformed one is counted and dropped, and the hole it leaves is a gap.
-The node sends "$heartbeat" every heartbeat_interval so the hub can expire it when it vanishes.
+A heartbeat thread sends "$heartbeat" every heartbeat_interval so the hub can expire the node
+when its process vanishes (dies, is paused, or loses the network); a node thread busy in a slow
+callback keeps beating. A node that was expired while alive re-sends its own keys when it sees
+their deletions (`counters.restored`).
 """
 
 from __future__ import annotations
@@ -152,6 +155,9 @@ class BusNode:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"bus-node-{agent_id}", daemon=True)
         self._thread.start()
+        self._beats_stop = threading.Event()
+        self._beats = threading.Thread(target=self._beat, name=f"bus-beat-{agent_id}", daemon=True)
+        self._beats.start()
 
     # -- caller API -------------------------------------------------------------------------
 
@@ -247,6 +253,8 @@ class BusNode:
         if self._closed:
             return
         self._closed = True
+        self._beats_stop.set()
+        self._beats.join(timeout)
         if self._thread.is_alive():
             with self._send_lock:
                 self._pipe_out.send(b"S")
@@ -333,24 +341,33 @@ class BusNode:
                     sock.close(linger=0)
             self._set_state(NodeState.CLOSED)
 
+    def _beat(self) -> None:
+        """The heartbeat thread: "$heartbeat" to the hub every heartbeat_interval while the node
+        thread lives. It is a thread of its own so that a node whose thread is busy (a slow
+        `on_update` callback) is not taken for a vanished one: only a dead or unreachable
+        process stops its heartbeats."""
+        interval = self.config.heartbeat_interval
+        while self._thread.is_alive():
+            with self._send_lock:
+                if self._push.closed:
+                    return
+                self._send(encode(make_update(self.agent_id, NODE_HEARTBEAT, None)), updates=0)
+            if self._beats_stop.wait(interval):
+                return
+
     def _loop(self) -> None:
         self._connect()
-        interval = self.config.heartbeat_interval
-        next_beat = time.monotonic()
+        poll_ms = self.config.heartbeat_interval * 1000.0  # the timers' resolution
         while True:
+            events = dict(self._poller.poll(poll_ms))
             now = time.monotonic()
-            if now >= next_beat:
-                beat = make_update(self.agent_id, NODE_HEARTBEAT, None)
-                with self._send_lock:
-                    self._send(encode(beat), updates=0)
-                next_beat = now + interval
-            self._check_timers(now)
-            events = dict(self._poller.poll(max(0.0, next_beat - time.monotonic()) * 1000.0))
+            sub = self._sub
+            if sub is not None and sub in events:
+                self._last_hub = now  # the hub is heard, even if this thread was late to read it
             if self._pipe_in in events and self._on_pipe():
                 return
             # Drain each readable socket until zmq.Again (one exception per wake-up; asking
             # EVENTS after every message costs more under load)
-            sub = self._sub
             if sub is not None and sub in events:
                 budget = _DRAIN  # updates, not messages: a batch may carry thousands
                 while budget > 0:
@@ -367,6 +384,7 @@ class BusNode:
                     except zmq.Again:
                         break
                     self._on_snapshot(frame)
+            self._check_timers(now)  # as of the wake-up: time spent in callbacks is not silence
 
     def _on_pipe(self) -> bool:
         """Handle the pipe's commands; True on the stop request (the outbox is sent first)."""
@@ -532,13 +550,16 @@ class BusNode:
 
     def _restore_own(self, applied: Sequence[StateUpdate]) -> None:
         """Re-send own keys that `applied` deleted although this node still holds them: the
-        hub expired this agent (its heartbeats stalled for `ttl`, e.g. behind a slow callback)
-        while it was alive. A deletion the node asked for is not undone: `publish(name, None)`
-        forgets the key before the deletion is sent."""
+        hub expired this agent while it was alive (no heartbeat reached the hub for `ttl`: the
+        process was paused, or the network or the hub stalled). A deletion the node asked for
+        is not undone: `publish(name, None)` forgets the key before the deletion is sent. (If
+        the user re-publishes a key while its deletion is on its way back, the new value is
+        sent once more: harmless, and counted as restored.)"""
         lost = [m.key for m in applied if m.payload is None and m.agent == self.agent_id]
         if not lost:
             return
         with self._send_lock:
+            self._flush_outbox()  # older than the re-sent keys: it goes first (order is kept)
             for key in lost:
                 body = self._own.get(key)
                 if body is not None:

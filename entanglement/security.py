@@ -95,11 +95,14 @@ class BusKeys:
 
     @classmethod
     def generate(cls, client_names: Iterable[str] = ("default",)) -> BusKeys:
-        """Fresh keys: one hub pair, one client pair per name (agents may share a name)."""
+        """Fresh keys: one hub pair, one client pair per name. `SHARED_CLIENT` ("default") is
+        the run-wide credential any agent may use; any other name binds its holder to the agent
+        id of that name (the hub rejects what it sends for other agents)."""
         return cls(CurveKeyPair.generate(), {n: CurveKeyPair.generate() for n in client_names})
 
     def add_client(self, name: str) -> NodeCredentials:
-        """Make (or return) the pair for `name`. A running hub must be told: `hub.allow(...)`."""
+        """Make (or return) the pair for `name`. For a running hub use `hub.add_client(name)`,
+        which also admits the new key."""
         if name not in self.clients:
             self.clients[name] = CurveKeyPair.generate()
         return self.credentials(name)

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import torch
 
-from core_model.cognition import CognitiveSession, SessionStateError
+from core_model.cognition import CognitionError, CognitiveSession, SessionStateError
 from core_model.config import PRSCConfig, ResoLLMConfig, StochasticResonanceConfig, TemporalSMFConfig
 from core_model.inference import ResoLLMInference
 from core_model.model import ResoLLMModel
@@ -108,3 +108,11 @@ def test_a_restored_session_is_checked_like_new_bindings():
         CognitiveSession.from_dict(bad, model.config)
     with pytest.raises(SessionStateError, match="max_bindings"):
         CognitiveSession.from_dict(state, config(prsc=PRSCConfig(max_bindings=1)))
+
+
+def test_new_settings_that_the_state_breaks_are_refused():
+    tok = create_default_tokenizer()
+    model, _ = busy_model(tok)  # two concepts bound
+    with pytest.raises(CognitionError, match="max_bindings"):
+        ResoLLMInference(model, tok, config(prsc=PRSCConfig(max_bindings=1)))
+    assert model.session.config is model.config and len(model.session.concepts) == 2  # unchanged

@@ -268,7 +268,9 @@ def test_node_survives_fuzzed_updates_and_snapshot_replies() -> None:
                     pub.send_multipart([b"junk", frame] if shape == 1 else [frame] * 3)
                     bad += 1
             assert wait_until(lambda: node.counters.received == before[0] + len(batch))
-            assert node.counters.malformed - before[1] == bad
+            # received is counted before a frame is decoded: wait for the last one's verdict too
+            assert wait_until(lambda: node.counters.malformed - before[1] == bad, 2.0), \
+                (node.counters.malformed - before[1], bad)
             totals["frames"] += len(batch)
 
         feed()
@@ -464,7 +466,7 @@ def test_an_active_node_survives_fuzzed_batches_and_heals_by_snapshot() -> None:
                     else:
                         state["map"][upd.key] = upd
             else:
-                assert node.counters.malformed > before.malformed  # counted, dropped
+                assert wait_until(lambda: node.counters.malformed > before.malformed)  # counted, dropped
                 # The hole is a gap (or, for a batch frame that does not decode at all, the next
                 # heartbeat is ahead of the node): it asks for a snapshot, and the hub's map is
                 # what it had before the batch.

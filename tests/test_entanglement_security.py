@@ -188,3 +188,28 @@ def wait_rejected(hub: BusHub, timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+@pytest.mark.parametrize("inproc", ["collect", "snapshot"])
+def test_mixed_endpoints_keep_the_hub_alive_and_the_binding_on(inproc: str) -> None:
+    """One endpoint in-process, the others on tcp: the hub reads credentials only where there
+    was a handshake (not over an inproc collector), and survives heartbeats either way."""
+    tcp = BusEndpoints.tcp()
+    eps = BusEndpoints(tcp.snapshot if inproc == "collect" else "inproc://mixed-snapshot", tcp.publish,
+                       "inproc://mixed-collect" if inproc == "collect" else tcp.collect)
+    hub = BusHub(BusConfig(endpoints=eps, **FAST)).start()
+    honest = BusNode("a", hub.config, hub.add_client("a"), context=hub.context)
+    impostor = BusNode("b", hub.config, hub.add_client("a"), context=hub.context)
+    try:
+        assert honest.wait_active(5)
+        honest.publish("x", {"value": 1})
+        impostor.publish("x", {"value": 2})
+        assert honest.wait_for(lambda n: "x" in n.latest("a"), 5)
+        time.sleep(3 * FAST["heartbeat_interval"])  # heartbeats of both have reached the hub
+        assert hub.alive and hub.error is None
+        if inproc == "snapshot":  # the collector is tcp: its credential binding holds
+            assert wait_rejected(hub) and "agent/b/x" not in hub.keys_snapshot()
+    finally:
+        honest.close()
+        impostor.close()
+        hub.stop()

@@ -53,8 +53,11 @@ class CognitiveSession:
         """Use ``config`` (same network) from now on, keeping the state: the memory's decay rate,
         capacity (the weakest moments are pruned beyond it) and tagging, the concept store's
         limits and the repetition window follow the new settings."""
-        self.config = config
         smf, prsc = config.temporal_smf, config.prsc
+        if len(self.concepts) > prsc.max_bindings:
+            raise CognitionError(f"the session holds {len(self.concepts)} concepts, more than the new "
+                                 f"prsc.max_bindings={prsc.max_bindings}; unbind some first")
+        self.config = config
         self.memory.configure(smf.memory_decay_rate, smf.max_moments, smf.episodic_tagging)
         self.concepts.max_bindings, self.concepts.coherence_threshold = prsc.max_bindings, prsc.coherence_threshold
         window = config.stochastic_resonance.repetition_window
