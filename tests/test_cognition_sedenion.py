@@ -103,3 +103,16 @@ def test_errors_and_axes():
         S.inverse(np.zeros(16))
     assert len(S.SEDENION_AXES) == 16 and S.SEDENION_AXES[0] == "coherence" and S.SEDENION_AXES[-1] == "transcendence"
     assert S.axis_vector({"truth": 2.0})[4] == 2.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=elements(16), dim=st.sampled_from([4, 8, 16]))
+def test_only_reals_commute_with_every_unit(x, dim):
+    """The centre is the reals: an element with any imaginary part fails to commute with some
+    imaginary unit (for quaternions and beyond), and a real one commutes with all of them."""
+    x = x[:dim]
+    fails = [i for i in range(1, dim) if np.abs(S.commutator(x, S.basis(i, dim))).max() > 1e-12]
+    if not x[1:].any():
+        assert fails == []
+    elif np.abs(x[1:]).max() > 1e-6:
+        assert fails, x

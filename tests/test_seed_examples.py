@@ -25,7 +25,9 @@ def seed_blocks() -> dict[str, str]:
     blocks: dict[str, str] = {}
     for section in ("## Quick Start", "## Enhanced Features"):
         body = text.split(section, 1)[1].split("\n## ", 1)[0]
-        for part in body.split("\n### ")[1:]:
+        head, *parts = body.split("\n### ")
+        assert "```python" not in head, f"code under {section!r} outside a subsection would be skipped"
+        for part in parts:
             title = part.splitlines()[0].strip()
             for code in re.findall(r"```python\n(.*?)```", part, flags=re.S):
                 blocks[title] = blocks.get(title, "") + code.replace("apps.reso_llm", "core_model")
