@@ -56,7 +56,13 @@ from entanglement.message import (
     unpack,
     unpack_parcel,
 )
-from entanglement.security import SHARED_CLIENT, BusKeys, NodeCredentials, SecurityError, ZapHandler
+from entanglement.security import (
+    SHARED_CLIENT,
+    BusKeys,
+    NodeCredentials,
+    SecurityError,
+    ZapHandler,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,12 +1,10 @@
 """`BusNode`: one agent's view of the bus, the Clone pattern's clonecli.
 
 The node's own thread owns the receiving sockets (SUB <- hub PUB, DEALER <-> hub ROUTER) and
-listens to an inproc PAIR pipe (stop, flush). The one outbound socket (PUSH -> hub PULL) is shared
-by `publish()` callers, the heartbeat thread and the node thread (re-publishing, flushing)
-strictly under a lock. An update leaves from the caller's thread without an extra thread hop, unless the node sent
-one less than `BusConfig.coalesce` ago: then it joins the node's outbox, and the node thread, woken
-through the pipe when the outbox stops being empty, sends everything in it as one parcel (see
-`entanglement.message`). Readers use a lock too.
+listens to an inproc PAIR pipe (stop, flush). Everything sent to the hub goes through
+`entanglement.outbound.Outbound`: one PUSH socket shared under a lock by `publish()` callers, the
+heartbeat thread and the node thread, with the outbox of updates that leave together as one
+parcel. Readers of the local map use a lock too (`entanglement.replica`).
 
 States and transitions::
 
@@ -42,8 +40,6 @@ import zmq
 
 from entanglement.config import BusConfig, ConfigError
 from entanglement.message import (
-    NODE_HEARTBEAT,
-    PARCEL_OVERHEAD,
     SNAPSHOT_END,
     SNAPSHOT_REQUEST,
     MalformedMessage,
@@ -52,10 +48,10 @@ from entanglement.message import (
     encode,
     encode_update,
     make_update,
-    pack_parcel,
     unpack,
     unpack_batch,
 )
+from entanglement.outbound import Outbound
 from entanglement.replica import Replica, UpdateCallback
 from entanglement.security import NodeCredentials, SecurityError
 
@@ -123,8 +119,6 @@ class BusNode:
         self._state = NodeState.CONNECTING
         self._replica = Replica(f"node {agent_id!r}", [on_update] if on_update else [])
         self.error: BaseException | None = None
-        # Own latest published bodies, for re-publishing (guarded by _send_lock, see below).
-        self._own: dict[str, bytes] = {}
         self._keys: dict[str, str] = {}  # name -> validated key (publish fast path)
         # Node-thread bookkeeping (touched only by the node thread).
         self._pending: list[StateUpdate] = []
@@ -135,23 +129,17 @@ class BusNode:
         self._sub: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
         self._poller = zmq.Poller()
-        # Outbound PUSH to the hub's collector, shared by callers (publish) and the node thread
-        # (heartbeats, re-publishing): only ever used under _send_lock, which also guards _own.
-        self._push = self._socket(zmq.PUSH)
-        self._push.connect(config.endpoints.collect)
-        self._send_lock = threading.Lock()
-        # Updates waiting for the node thread to send them as one parcel (under _send_lock).
-        self._outbox: list[bytes] = []
-        self._outbox_bytes = 0
-        self._last_send = float("-inf")  # monotonic time of the last send to the hub
-        # Caller -> node thread pipe (under _send_lock): b"F" flush the outbox, b"S" stop.
+        # Caller -> node thread pipe (used by `Outbound`): b"F" flush the outbox, b"S" stop.
         addr = f"inproc://node-pipe-{uuid.uuid4().hex}"
         self._pipe_in = self.context.socket(zmq.PAIR)
         self._pipe_in.linger = 0
         self._pipe_in.bind(addr)
-        self._pipe_out = self.context.socket(zmq.PAIR)
-        self._pipe_out.linger = 0
-        self._pipe_out.connect(addr)
+        pipe_out = self.context.socket(zmq.PAIR)
+        pipe_out.linger = 0
+        pipe_out.connect(addr)
+        push = self._socket(zmq.PUSH)  # to the hub's collector
+        push.connect(config.endpoints.collect)
+        self._out = Outbound(agent_id, config, push, pipe_out, self._counters)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"bus-node-{agent_id}", daemon=True)
         self._thread.start()
@@ -183,14 +171,11 @@ class BusNode:
         if len(body) > limit:  # the hub would drop it as malformed: refuse it here instead
             raise MalformedMessage(f"update {key!r} encodes to {len(body):,} bytes, over the bus's "
                                    f"max_frame_bytes ({limit:,})")
-        with self._send_lock:
-            if self._closed or self._push.closed or not self._thread.is_alive():
-                raise NodeError(f"node {self.agent_id!r} is closed") from self.error
-            if payload is None:
-                self._own.pop(key, None)
-            else:
-                self._own[key] = body
-            return self._queue(body)
+        sent = None if self._closed or not self._thread.is_alive() else \
+            self._out.publish(key, body, deleting=payload is None)
+        if sent is None:
+            raise NodeError(f"node {self.agent_id!r} is closed") from self.error
+        return sent
 
     def delete(self, name: str) -> bool:
         """Delete this agent's key `name` for everyone."""
@@ -256,13 +241,9 @@ class BusNode:
         self._beats_stop.set()
         self._beats.join(timeout)
         if self._thread.is_alive():
-            with self._send_lock:
-                self._pipe_out.send(b"S")
+            self._out.stop()
             self._thread.join(timeout)
-        with self._send_lock:
-            self._flush_outbox()  # what a publish racing with close() queued
-            self._pipe_out.close(linger=0)
-            self._push.close(linger=0)
+        self._out.close()  # sends what a publish racing with close() queued
         if self._thread.is_alive():
             raise NodeError(f"node {self.agent_id!r} thread did not stop within {timeout}s")
         if self._own_context:
@@ -273,42 +254,6 @@ class BusNode:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _queue(self, body: bytes) -> bool:
-        """Send `body` now, or add it to the outbox (caller holds _send_lock; see `publish`)."""
-        now = time.monotonic()
-        if not self._outbox and now - self._last_send >= self.config.coalesce:
-            self._last_send = now
-            return self._send(body, updates=1)
-        limits = self.config.limits
-        sent = True
-        if (len(self._outbox) >= limits.max_array_len
-                or self._outbox_bytes + len(body) > limits.max_frame_bytes - PARCEL_OVERHEAD):
-            sent = self._flush_outbox()  # a full parcel leaves from this thread
-        self._outbox.append(body)
-        self._outbox_bytes += len(body)
-        if len(self._outbox) == 1:
-            self._pipe_out.send(b"F")  # wake the node thread: it sends the outbox when it runs
-        return sent
-
-    def _flush_outbox(self) -> bool:
-        """Send the outbox as one parcel (one body goes alone); caller holds _send_lock."""
-        bodies, self._outbox, self._outbox_bytes = self._outbox, [], 0
-        if not bodies:
-            return True
-        self._last_send = time.monotonic()
-        return self._send(bodies[0] if len(bodies) == 1 else pack_parcel(bodies), updates=len(bodies))
-
-    def _send(self, frame: bytes, updates: int) -> bool:
-        """Queue `frame`, holding `updates` updates (0: a heartbeat), for the hub (caller holds
-        _send_lock)."""
-        try:
-            self._push.send(frame, zmq.NOBLOCK)
-        except (zmq.Again, zmq.ContextTerminated):  # hub overloaded or gone; its context ended
-            self._counters.send_failed += max(updates, 1)
-            return False
-        self._counters.sent += updates
-        return True
 
     # -- node thread ------------------------------------------------------------------------
 
@@ -347,11 +292,7 @@ class BusNode:
         `on_update` callback) is not taken for a vanished one: only a dead or unreachable
         process stops its heartbeats."""
         interval = self.config.heartbeat_interval
-        while self._thread.is_alive():
-            with self._send_lock:
-                if self._push.closed:
-                    return
-                self._send(encode(make_update(self.agent_id, NODE_HEARTBEAT, None)), updates=0)
+        while self._thread.is_alive() and self._out.heartbeat():
             if self._beats_stop.wait(interval):
                 return
 
@@ -394,8 +335,7 @@ class BusNode:
                 stop |= self._pipe_in.recv(zmq.NOBLOCK) == b"S"
             except zmq.Again:
                 break
-        with self._send_lock:
-            self._flush_outbox()
+        self._out.flush()
         return stop
 
     def _check_timers(self, now: float) -> None:
@@ -536,12 +476,10 @@ class BusNode:
                 self._counters.dropped += 1  # covered by the snapshot (or from an old hub)
             else:
                 self._sequence(queued)
-        with self._send_lock:
-            self._flush_outbox()  # older than what follows, so it goes first
-            for key, body in self._own.items():
-                if key not in self._replica:
-                    self._counters.restored += self._request_id > 1  # a re-sync, not the first
-                    self._send(body, updates=1)  # the hub lost it (restart or expiry)
+        # the hub lost what it lacks (restart or expiry): send it again, after the outbox
+        resent = self._out.resend_missing(self._replica.__contains__)
+        if self._request_id > 1:  # a re-sync, not the first snapshot
+            self._counters.restored += resent
 
     def _apply(self, msg: StateUpdate) -> None:
         self._replica.apply(msg)
@@ -556,16 +494,11 @@ class BusNode:
         the user re-publishes a key while its deletion is on its way back, the new value is
         sent once more: harmless, and counted as restored.)"""
         lost = [m.key for m in applied if m.payload is None and m.agent == self.agent_id]
-        if not lost:
-            return
-        with self._send_lock:
-            self._flush_outbox()  # older than the re-sent keys: it goes first (order is kept)
-            for key in lost:
-                body = self._own.get(key)
-                if body is not None:
-                    log.debug("node %r: hub deleted own key %r, re-sending it", self.agent_id, key)
-                    self._counters.restored += 1
-                    self._send(body, updates=1)
+        if lost:
+            restored = self._out.resend(lost)
+            if restored:
+                log.debug("node %r: the hub deleted %d own keys, re-sent them", self.agent_id, restored)
+                self._counters.restored += restored
 
     def _activate(self) -> None:
         self._state = NodeState.ACTIVE  # called by the replica under its lock

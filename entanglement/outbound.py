@@ -1,0 +1,149 @@
+"""`Outbound`: everything a `BusNode` sends to the hub, on its one PUSH socket.
+
+The socket is shared by the publishing callers, the node's heartbeat thread and its node thread
+(flushing the outbox, re-sending own keys), so every use is under one lock, which also guards
+the outbox and the node's own latest bodies. ZeroMQ sockets are not thread-safe; this lock is
+what makes the sharing safe.
+
+An update leaves at once from the caller's thread, unless the node sent something less than
+`BusConfig.coalesce` ago: then it joins the outbox, and the node thread, woken through the
+node's pipe (b"F") when the outbox stops being empty, sends everything in it as one parcel (see
+`entanglement.message`). A full outbox leaves from the caller's thread. Order is kept either way:
+anything sent directly after the outbox filled up sends the outbox first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import zmq
+
+from entanglement.config import BusConfig
+from entanglement.message import (
+    NODE_HEARTBEAT,
+    PARCEL_OVERHEAD,
+    encode,
+    make_update,
+    pack_parcel,
+)
+
+
+class Outbound:
+    """The PUSH socket to the hub, the outbox and the node's own latest bodies (module docstring).
+
+    `sent` and `send_failed` of `counters` (a `NodeCounters`) are kept here.
+    """
+
+    def __init__(self, agent_id: str, config: BusConfig, push: zmq.Socket, wake: zmq.Socket,
+                 counters) -> None:
+        self.agent_id = agent_id
+        self.config = config
+        self.lock = threading.Lock()
+        self._push = push
+        self._wake = wake  # the node thread's pipe: b"F" flush the outbox, b"S" stop
+        self._counters = counters
+        self._own: dict[str, bytes] = {}  # key -> latest body published (for re-sending)
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._last_send = float("-inf")  # monotonic time of the last send to the hub
+        self.closed = False
+
+    # -- callers ----------------------------------------------------------------------------
+
+    def publish(self, key: str, body: bytes, deleting: bool) -> bool | None:
+        """Remember (or, for a deletion, forget) `body` as the key's latest and send or queue it.
+        Returns whether ZeroMQ took it (False: `config.hwm` messages already wait for the hub),
+        or None when the node is closed."""
+        with self.lock:
+            if self.closed:
+                return None
+            if deleting:
+                self._own.pop(key, None)
+            else:
+                self._own[key] = body
+            return self._queue(body)
+
+    def heartbeat(self) -> bool:
+        """Send a "$heartbeat"; False once closed."""
+        with self.lock:
+            if self.closed:
+                return False
+            self._send(encode(make_update(self.agent_id, NODE_HEARTBEAT, None)), updates=0)
+            return True
+
+    # -- node thread ------------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Send the outbox now (the node thread, on its pipe's b"F")."""
+        with self.lock:
+            return self._flush()
+
+    def resend(self, keys: Iterable[str]) -> int:
+        """Send the outbox, then the latest body of each of `keys` this node still holds (a
+        deleted key is forgotten, so it is never re-sent); returns how many were re-sent."""
+        with self.lock:
+            self._flush()  # older than the re-sent keys: it goes first
+            bodies = [self._own[k] for k in keys if k in self._own]
+            for body in bodies:
+                self._send(body, updates=1)
+            return len(bodies)
+
+    def resend_missing(self, present: Callable[[str], bool]) -> int:
+        """`resend` of every own key for which `present(key)` is false (after a snapshot)."""
+        with self.lock:
+            missing = [k for k in self._own if not present(k)]
+        return self.resend(missing)
+
+    def stop(self) -> None:
+        """Ask the node thread to stop (it sends the outbox first)."""
+        with self.lock:
+            if not self.closed:
+                self._wake.send(b"S")
+
+    def close(self) -> None:
+        """Send what is still queued, then close both sockets; publishing returns None after."""
+        with self.lock:
+            if self.closed:
+                return
+            self._flush()
+            self._wake.close(linger=0)
+            self._push.close(linger=0)
+            self.closed = True
+
+    # -- under the lock ---------------------------------------------------------------------
+
+    def _queue(self, body: bytes) -> bool:
+        now = time.monotonic()
+        if not self._outbox and now - self._last_send >= self.config.coalesce:
+            self._last_send = now
+            return self._send(body, updates=1)
+        limits = self.config.limits
+        sent = True
+        if (len(self._outbox) >= limits.max_array_len
+                or self._outbox_bytes + len(body) > limits.max_frame_bytes - PARCEL_OVERHEAD):
+            sent = self._flush()  # a full parcel leaves from this thread
+        self._outbox.append(body)
+        self._outbox_bytes += len(body)
+        if len(self._outbox) == 1:
+            self._wake.send(b"F")  # wake the node thread: it sends the outbox when it runs
+        return sent
+
+    def _flush(self) -> bool:
+        """Send the outbox as one parcel (one body goes alone)."""
+        bodies, self._outbox, self._outbox_bytes = self._outbox, [], 0
+        if not bodies:
+            return True
+        self._last_send = time.monotonic()
+        return self._send(bodies[0] if len(bodies) == 1 else pack_parcel(bodies), updates=len(bodies))
+
+    def _send(self, frame: bytes, updates: int) -> bool:
+        """Queue `frame`, holding `updates` updates (0: a heartbeat), for the hub."""
+        try:
+            self._push.send(frame, zmq.NOBLOCK)
+        except (zmq.Again, zmq.ContextTerminated):  # hub overloaded or gone; its context ended
+            self._counters.send_failed += max(updates, 1)
+            return False
+        self._counters.sent += updates
+        return True
