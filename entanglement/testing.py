@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from entanglement.config import BusEndpoints
 from entanglement.hub import BusHub
 from entanglement.node import BusNode, NodeState
 
 
-def free_tcp_ports(count: int = 3, host: str = "127.0.0.1") -> tuple[int, ...]:
-    """`count` distinct ports that were free a moment ago (for hubs restarted on fixed ports)."""
-    socks = []
+def _ephemeral_low(default: int = 32768) -> int:
+    """The lowest port the kernel hands out by itself (Linux; `default` elsewhere)."""
     try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return tuple(s.getsockname()[1] for s in socks)
-    finally:
-        for s in socks:
-            s.close()
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def free_tcp_ports(count: int = 3, host: str = "127.0.0.1") -> tuple[int, ...]:
+    """`count` distinct ports that were free a moment ago (for hubs restarted on fixed ports).
+
+    They are drawn below the kernel's ephemeral range, so no outgoing connection and no
+    bind-to-any-port elsewhere can take one between now and the hub's bind."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < count:
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:  # in use: draw another
+                continue
+        ports.append(port)
+    return tuple(ports)
 
 
 def fixed_tcp_endpoints(host: str = "127.0.0.1") -> BusEndpoints:
