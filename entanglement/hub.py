@@ -191,7 +191,7 @@ class BusHub:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def credentials(self, name: str = "default") -> NodeCredentials | None:
+    def credentials(self, name: str = SHARED_CLIENT) -> NodeCredentials | None:
         """Credentials for a node (None when security is off)."""
         return None if self.keys is None else self.keys.credentials(name)
 
@@ -289,6 +289,8 @@ class BusHub:
             poller.register(self._zap.socket, zmq.POLLIN)
         interval = self._config.heartbeat_interval
         next_tick = time.monotonic()
+        # CURVE: each collected message says whose credential sent it (no handshake over inproc)
+        bound = self._zap is not None and not self._resolved.collect.startswith("inproc://")
         while True:
             wait_ms = max(0.0, (next_tick - time.monotonic()) * 1000.0)
             events = dict(poller.poll(wait_ms))
@@ -300,17 +302,14 @@ class BusHub:
                 self.counters.auth_denied = self._zap.denied
             if collector in events:
                 heard: dict[str, None] = {}
-                # CURVE: each message says whose credential sent it (no handshake over inproc)
-                bound = self._zap is not None and not self._resolved.collect.startswith("inproc://")
                 for _ in range(_DRAIN):  # one zmq.Again per wake-up ends the drain
                     try:
-                        if bound:
-                            message = collector.recv(zmq.NOBLOCK, copy=False)
-                        else:
-                            self._collect(collector.recv(zmq.NOBLOCK, copy=True), publisher, heard)
-                            continue
+                        message = collector.recv(zmq.NOBLOCK, copy=not bound)
                     except zmq.Again:
                         break
+                    if not bound:
+                        self._collect(message, publisher, heard)
+                        continue
                     user = self._sender(message)
                     if user is not None:
                         self._collect(message.bytes, publisher, heard,

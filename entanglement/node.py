@@ -171,11 +171,11 @@ class BusNode:
         if len(body) > limit:  # the hub would drop it as malformed: refuse it here instead
             raise MalformedMessage(f"update {key!r} encodes to {len(body):,} bytes, over the bus's "
                                    f"max_frame_bytes ({limit:,})")
-        sent = None if self._closed or not self._thread.is_alive() else \
-            self._out.publish(key, body, deleting=payload is None)
-        if sent is None:
-            raise NodeError(f"node {self.agent_id!r} is closed") from self.error
-        return sent
+        if not self._closed and self._thread.is_alive():
+            sent = self._out.publish(key, body, deleting=payload is None)
+            if sent is not None:  # None: closed meanwhile
+                return sent
+        raise NodeError(f"node {self.agent_id!r} is closed") from self.error
 
     def delete(self, name: str) -> bool:
         """Delete this agent's key `name` for everyone."""

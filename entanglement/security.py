@@ -94,7 +94,7 @@ class BusKeys:
     clients: dict[str, CurveKeyPair] = field(default_factory=dict)
 
     @classmethod
-    def generate(cls, client_names: Iterable[str] = ("default",)) -> BusKeys:
+    def generate(cls, client_names: Iterable[str] = (SHARED_CLIENT,)) -> BusKeys:
         """Fresh keys: one hub pair, one client pair per name. `SHARED_CLIENT` ("default") is
         the run-wide credential any agent may use; any other name binds its holder to the agent
         id of that name (the hub rejects what it sends for other agents)."""
@@ -107,7 +107,7 @@ class BusKeys:
             self.clients[name] = CurveKeyPair.generate()
         return self.credentials(name)
 
-    def credentials(self, name: str = "default") -> NodeCredentials:
+    def credentials(self, name: str = SHARED_CLIENT) -> NodeCredentials:
         if name not in self.clients:
             raise SecurityError(f"no client key pair named {name!r}; known: {sorted(self.clients)}")
         return NodeCredentials(self.server.public, self.clients[name])
@@ -150,9 +150,9 @@ class ZapHandler:
     counts refusals). `allow()` may be called from any thread.
     """
 
-    def __init__(self, context: zmq.Context, allowed: Mapping[bytes, str] | Iterable[bytes]) -> None:
+    def __init__(self, context: zmq.Context, allowed: Mapping[bytes, str]) -> None:
         # public key -> client name, answered as the ZAP User-Id (the hub binds it to an agent id)
-        self._allowed = dict(allowed) if isinstance(allowed, Mapping) else dict.fromkeys(allowed, SHARED_CLIENT)
+        self._allowed = dict(allowed)
         self._lock = threading.Lock()
         self.accepted = 0
         self.denied = 0
@@ -166,7 +166,7 @@ class ZapHandler:
                 f"cannot bind the ZAP handler ({exc}); is another hub using this context?"
             ) from exc
 
-    def allow(self, public_key: str | bytes, name: str = "default") -> None:
+    def allow(self, public_key: str | bytes, name: str = SHARED_CLIENT) -> None:
         key = public_key.encode("ascii") if isinstance(public_key, str) else public_key
         with self._lock:
             self._allowed[key] = name

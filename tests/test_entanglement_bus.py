@@ -255,17 +255,22 @@ NODE_SCRIPT = textwrap.dedent(
 )
 
 
+def spawn_node(hub: BusHub) -> subprocess.Popen:
+    """NODE_SCRIPT in a process of its own, on `hub` with the run credential."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-c", NODE_SCRIPT, json.dumps(hub.config.to_dict()),
+         json.dumps(hub.credentials().to_dict())],
+        stdout=subprocess.PIPE, env=env, text=True,
+    )
+
+
 def test_killed_node_expires_and_peers_see_it_leave() -> None:
     hub = BusHub(BusConfig(endpoints=BusEndpoints.tcp(), **FAST)).start()
     watcher = BusNode("watcher", hub.config, hub.credentials())
     left: list[StateUpdate] = []
     watcher.on_update(lambda u: left.append(u) if u.payload is None else None)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", NODE_SCRIPT, json.dumps(hub.config.to_dict()),
-         json.dumps(hub.credentials().to_dict())],
-        stdout=subprocess.PIPE, env=env, text=True,
-    )
+    proc = spawn_node(hub)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         assert watcher.wait_for(lambda n: len(n.latest("doomed")) == 2, 5)
@@ -472,12 +477,7 @@ def test_a_paused_process_gets_its_expired_keys_back() -> None:
     watcher = BusNode("watcher", hub.config, hub.credentials())
     left: list[str] = []
     watcher.on_update(lambda u: left.append(u.key) if u.payload is None else None)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", NODE_SCRIPT, json.dumps(hub.config.to_dict()),
-         json.dumps(hub.credentials().to_dict())],
-        stdout=subprocess.PIPE, env=env, text=True,
-    )
+    proc = spawn_node(hub)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         assert watcher.wait_for(lambda n: len(n.latest("doomed")) == 2, 5)

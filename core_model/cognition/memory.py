@@ -58,13 +58,9 @@ class TemporalSedenionMemory:
     """Moments, a logical clock, decay, pruning and recall (see module docstring)."""
 
     def __init__(self, decay_rate: float = 0.01, max_moments: int = 1000, episodic_tagging: bool = True) -> None:
-        if decay_rate < 0 or max_moments < 1:
-            raise ValueError("decay_rate must be >= 0 and max_moments >= 1")
-        self.decay_rate = decay_rate
-        self.max_moments = max_moments
-        self.episodic_tagging = episodic_tagging
         self.clock = 0
         self.moments: list[Moment] = []
+        self.configure(decay_rate, max_moments, episodic_tagging)
 
     def configure(self, decay_rate: float, max_moments: int, episodic_tagging: bool) -> None:
         """New settings for the moments held (beyond ``max_moments`` the weakest are pruned)."""

@@ -85,11 +85,7 @@ class ConceptStore:
     def bind(self, name: str, token_ids: list[int]) -> ConceptBinding:
         if not name:
             raise CognitionError("a concept needs a non-empty name")
-        if not token_ids:
-            raise CognitionError(f"concept {name!r}: give at least one token id")
-        bad = [t for t in token_ids if not 0 <= int(t) < self.vocab_size]
-        if bad:
-            raise CognitionError(f"concept {name!r}: token ids {bad} outside [0, {self.vocab_size})")
+        self._check_token_ids(name, token_ids)
         if name not in self.bindings and len(self.bindings) >= self.max_bindings:
             raise CognitionError(f"PRSC holds max_bindings={self.max_bindings} concepts; unbind one first")
         primes = [int(p) for p in first_primes(self.vocab_size)[np.asarray(token_ids, dtype=np.int64)]]
@@ -98,6 +94,13 @@ class ConceptStore:
         self.bindings[name] = binding
         self.version += 1
         return binding
+
+    def _check_token_ids(self, name: str, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise CognitionError(f"concept {name!r}: give at least one token id")
+        bad = [t for t in token_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise CognitionError(f"concept {name!r}: token ids {bad} outside [0, {self.vocab_size})")
 
     def unbind(self, name: str) -> None:
         self._get(name)
@@ -161,9 +164,7 @@ class ConceptStore:
         if len(bindings) > self.max_bindings:
             raise CognitionError(f"{len(bindings)} concepts, more than max_bindings={self.max_bindings}")
         for c in bindings.values():
-            bad = [t for t in c.token_ids if not 0 <= t < self.vocab_size]
-            if not c.token_ids or bad:
-                raise CognitionError(f"concept {c.name!r}: token ids {bad or '[]'} not in [0, {self.vocab_size})")
+            self._check_token_ids(c.name, c.token_ids)
             if len(c.phases) != self.num_phases:
                 raise CognitionError(f"concept {c.name!r}: {len(c.phases)} phases, the model has {self.num_phases}")
         self.bindings = bindings
