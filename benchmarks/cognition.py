@@ -20,6 +20,8 @@
    assumption (while its window forward runs, the main forwards slow down: the GIL and the
    cores are shared), so for "all on (defaults)" this column is a lower bound of the cost;
    the other rows run nothing concurrently (windows back to back run in the calling thread).
+   The last row runs all off a second time, interleaved like the others (an A/A control): its
+   distance from +0% shows how far this run's noise alone moves a "vs off" figure.
 2. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
    byte tokenizer, inside this script): share of repeated 4-grams of the generations with SR off
    and on at the same fixed temperature, next to the same statistic of real text, and the mean
@@ -54,6 +56,7 @@ from core_model.tokenizer import create_default_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 PROMPT = "Explain how mathematics and logic help us reason about the world."
+CONTROL = "engine, all off again (A/A control)"
 
 
 def variant(cfg: ResoLLMConfig, **subs) -> ResoLLMConfig:
@@ -149,7 +152,8 @@ def speed(args) -> list[tuple]:
     runs = {"plain generate (reference)": plain, "engine, all cognition off": engine(all_off(base), False),
             "engine, all on (defaults)": engine(all_on(base), True),
             "engine, all on, twin reads every token": engine(all_on(base, every=8), True),
-            "engine, all on but Lyapunov twin": engine(all_on(base, lyapunov=False), True)}
+            "engine, all on but Lyapunov twin": engine(all_on(base, lyapunov=False), True),
+            CONTROL: engine(all_off(base), False)}
     samples = {k: [] for k in runs}
     for f in runs.values():  # warm-up
         f()
@@ -266,6 +270,10 @@ def main() -> None:
     for name, wall, rel_wall, (lo, hi), cpu, rel_cpu, per_model in rows:
         print(f"{name:40s} {wall:10.1f} {rel_wall:+8.1%} {f'[{lo:+.1%}, {hi:+.1%}]':>17s} {cpu:10.1f} "
               f"{rel_cpu:+8.1%} {per_model:+12.1%}")
+
+    control = next(r for r in rows if r[0] == CONTROL)
+    print(f"The A/A control runs the all-off configuration again: its {control[2]:+.1%} wall "
+          f"({control[6]:+.1%} per model-s) is this run's noise floor for the 'vs off' columns.")
 
     rep, real = repetition(args)
     print(f"\nStochastic resonance on a briefly trained model ({args.train_steps} steps), {args.prompts} prompts x "
