@@ -11,7 +11,8 @@ a valid one always is).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgpack
@@ -149,8 +150,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
-def scripted_hub(ctx: zmq.Context, sndhwm: int | None = None) -> tuple[zmq.Socket, zmq.Socket, BusNode]:
-    """A hub played by the test: its PUB and ROUTER bound on tcp, and a node "victim" connected."""
+@contextmanager
+def scripted_hub(sndhwm: int | None = None) -> Iterator[tuple[zmq.Socket, zmq.Socket, BusNode]]:
+    """A hub played by the test: its PUB and ROUTER bound on tcp, and a node "victim" connected;
+    all of it closed on exit."""
+    ctx = zmq.Context()
     pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
     for s in (pub, router):
         s.linger = 0
@@ -160,7 +164,14 @@ def scripted_hub(ctx: zmq.Context, sndhwm: int | None = None) -> tuple[zmq.Socke
     router.bind(eps.snapshot)
     pub.bind(eps.publish)
     real = BusEndpoints(router.last_endpoint.decode(), pub.last_endpoint.decode(), eps.collect)
-    return pub, router, BusNode("victim", BusConfig(endpoints=real, **CONFIG))
+    node = BusNode("victim", BusConfig(endpoints=real, **CONFIG))
+    try:
+        yield pub, router, node
+    finally:
+        node.close()
+        pub.close()
+        router.close()
+        ctx.term()
 
 
 def test_hub_collector_survives_10000_fuzzed_frames() -> None:
@@ -240,10 +251,8 @@ def test_node_survives_fuzzed_updates_and_snapshot_replies() -> None:
 
     A body that is not one valid msgpack object makes the whole batch frame undecodable; one
     that decodes but is invalid is dropped on its own; either way exactly one is counted."""
-    ctx = zmq.Context()
-    pub, router, node = scripted_hub(ctx, sndhwm=0)
-    totals = {"frames": 0}
-    try:
+    with scripted_hub(sndhwm=0) as (pub, router, node):
+        totals = {"frames": 0}
         assert router.poll(5000)
         identity, _request = router.recv_multipart()
         # Make sure the subscription is live before counting: probe with a junk frame.
@@ -276,11 +285,6 @@ def test_node_survives_fuzzed_updates_and_snapshot_replies() -> None:
         feed()
         assert totals["frames"] >= 2_000
         assert node.alive and node.error is None
-    finally:
-        node.close()
-        pub.close()
-        router.close()
-        ctx.term()
 
 
 def test_node_counts_control_messages_that_do_not_belong_on_pub() -> None:
@@ -312,26 +316,24 @@ def test_node_counts_control_messages_that_do_not_belong_on_pub() -> None:
 def test_malformed_body_inside_a_batch_is_counted_and_its_hole_resyncs() -> None:
     """A scripted hub: a batch [good, malformed, good] applies the first, counts the second and
     sees the third as a gap (re-sync); a batch ahead of the node's seq is a gap as well."""
-    ctx = zmq.Context()
-    pub, router, node = scripted_hub(ctx)
-    epoch = 99
+    with scripted_hub() as (pub, router, node):
+        epoch = 99
 
-    def body(name: str, step: Any) -> bytes:
-        return packb([WIRE_VERSION, f"agent/a1/{name}", "a1", {"step": step}, 0, 0, 1.0])
+        def body(name: str, step: Any) -> bytes:
+            return packb([WIRE_VERSION, f"agent/a1/{name}", "a1", {"step": step}, 0, 0, 1.0])
 
-    def answer_snapshot(seq: int, items: dict[str, int]) -> None:
-        assert router.poll(5000)
-        identity, request = router.recv_multipart()
-        req = unpack(request)
-        assert req.key == "$snapshot?"
-        for name, step in items.items():
-            router.send_multipart([identity, packb([WIRE_VERSION, f"agent/a1/{name}", "a1",
-                                                    {"step": step}, seq, epoch, 1.0])])
-        router.send_multipart([identity, packb([WIRE_VERSION, "$snapshot-end", "hub",
-                                                {"extra": {"request": req.payload["request"]}},
-                                                seq, epoch, 1.0])])
+        def answer_snapshot(seq: int, items: dict[str, int]) -> None:
+            assert router.poll(5000)
+            identity, request = router.recv_multipart()
+            req = unpack(request)
+            assert req.key == "$snapshot?"
+            for name, step in items.items():
+                router.send_multipart([identity, packb([WIRE_VERSION, f"agent/a1/{name}", "a1",
+                                                        {"step": step}, seq, epoch, 1.0])])
+            router.send_multipart([identity, packb([WIRE_VERSION, "$snapshot-end", "hub",
+                                                    {"extra": {"request": req.payload["request"]}},
+                                                    seq, epoch, 1.0])])
 
-    try:
         answer_snapshot(0, {})
         assert node.wait_active(5)
         while node.counters.received < 3:  # the subscription is live once heartbeats arrive
@@ -359,11 +361,6 @@ def test_malformed_body_inside_a_batch_is_counted_and_its_hole_resyncs() -> None
         assert node.wait_for(lambda n: n.seq == 6 and n.counters.gaps == before.gaps + 2, 5)
         assert node.latest("a1")["z"].payload["step"] == 4
         assert node.alive and node.error is None
-    finally:
-        node.close()
-        pub.close()
-        router.close()
-        ctx.term()
 
 
 def test_hub_splits_batches_at_the_message_limits() -> None:
@@ -419,24 +416,22 @@ def test_an_active_node_survives_fuzzed_batches_and_heals_by_snapshot() -> None:
     snapshot wait): a batch of valid bodies is applied in full; any invalid body is counted and
     its hole makes the node re-sync, after which it holds exactly the snapshot the (scripted)
     hub sent. The node never dies and never holds anything the hub did not send as valid."""
-    ctx = zmq.Context()
-    pub, router, node = scripted_hub(ctx, sndhwm=0)
-    epoch = 42
-    state = {"seq": 0, "map": {}, "bodies": 0, "resyncs": 0, "applied": 0}
+    with scripted_hub(sndhwm=0) as (pub, router, node):
+        epoch = 42
+        state = {"seq": 0, "map": {}, "bodies": 0, "resyncs": 0, "applied": 0}
 
-    def answer_snapshot() -> None:
-        assert router.poll(5000)
-        identity, request = router.recv_multipart()
-        req = unpack(request)
-        for key, upd in state["map"].items():
-            router.send_multipart([identity, encode(StateUpdate(key, upd.agent, upd.payload, state["seq"],
-                                                                epoch, upd.timestamp))])
-        end = StateUpdate("$snapshot-end", "hub", StatePayload(extra={"request": req.payload["request"]}),
-                          state["seq"], epoch, 1.0)
-        router.send_multipart([identity, encode(end)])
-        assert node.wait_for(lambda n: n.node_state is NodeState.ACTIVE and n.seq == state["seq"], 5)
+        def answer_snapshot() -> None:
+            assert router.poll(5000)
+            identity, request = router.recv_multipart()
+            req = unpack(request)
+            for key, upd in state["map"].items():
+                router.send_multipart([identity, encode(StateUpdate(key, upd.agent, upd.payload, state["seq"],
+                                                                    epoch, upd.timestamp))])
+            end = StateUpdate("$snapshot-end", "hub", StatePayload(extra={"request": req.payload["request"]}),
+                              state["seq"], epoch, 1.0)
+            router.send_multipart([identity, encode(end)])
+            assert node.wait_for(lambda n: n.node_state is NodeState.ACTIVE and n.seq == state["seq"], 5)
 
-    try:
         answer_snapshot()
         while node.counters.received < 3:  # the subscription is live once heartbeats arrive
             pub.send(pack_batch(epoch, 0, []))
@@ -482,8 +477,3 @@ def test_an_active_node_survives_fuzzed_batches_and_heals_by_snapshot() -> None:
         assert state["bodies"] >= 500 and state["resyncs"] >= 10 and state["applied"] >= 10
         assert len(state["map"]) >= 3
         assert node.alive and node.error is None
-    finally:
-        node.close()
-        pub.close()
-        router.close()
-        ctx.term()
