@@ -96,8 +96,8 @@ class ResoLLMInference:
         """Continue ``prompt`` by up to ``max_length`` tokens.
 
         ``None`` sampling options use the engine's; ``top_k=0`` and ``top_p=1.0`` switch that
-        filter off for this call. ``seed=None`` uses ``session.seed + session.turn`` (successive calls differ, a restored
-        session continues identically). ``chat=True`` wraps the prompt in the chat template.
+        filter off for this call. ``seed=None`` uses ``session.seed + session.turn`` (successive
+        calls differ, a restored session continues identically). ``chat=True`` wraps the prompt in the chat template.
         """
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")

@@ -2,7 +2,8 @@
 
 Lines read from ``input_stream``: ``exit`` ends; ``goal <description>`` sets a goal for the
 next response (several may be set; after that response those not achieved are abandoned; a goal
-that cannot be created, e.g. agency off or ``max_goals`` reached, is reported, not fatal); ``status`` prints the session's state; ``metrics`` toggles the metrics line
+that cannot be created, e.g. agency off or ``max_goals`` reached, is reported, not fatal);
+``status`` prints the session's state; ``metrics`` toggles the metrics line
 printed after each response; anything else is a user message, answered with the whole
 conversation in the chat template as context. Each user message is also stored in the
 episodic memory (importance 0.5) when memory is enabled.
