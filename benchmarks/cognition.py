@@ -26,7 +26,14 @@
    bookkeeping's cost inside the forwards (it evicts them from the CPU caches).
    The last row runs all off a second time, interleaved like the others (an A/A control): its
    distance from +0% shows how far this run's noise alone moves a "vs off" figure.
-2. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
+2. What the twin's work costs in decode steps, the pointer for a cheaper twin: the median time
+   of a batch-1 decoding step, of a batch-2 step (a twin read in lockstep with the main
+   trajectory as a second row, which shares the weights' memory traffic), and of a
+   ``lyapunov_window``-token window forward on a copy of the cache (what the twin runs now),
+   interleaved; and how far the batch-2 step's first row lies from the batch-1 step (a lockstep
+   twin would move the main trajectory by that much: the tests require that the twin never
+   changes it).
+3. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
    byte tokenizer, inside this script): share of repeated 4-grams of the generations with SR off
    and on at the same fixed temperature, next to the same statistic of real text, and the mean
    log-likelihood of the generated text under the noise-free model.
@@ -189,6 +196,44 @@ def speed(args) -> list[tuple]:
     return rows
 
 
+def twin_anatomy(args) -> dict[str, float]:
+    """Median ms of a batch-1 and a batch-2 decoding step and of a twin window forward (see the
+    module docstring), taken in turns, and the largest |logit| difference between the batch-2
+    step's first row and the batch-1 step."""
+    torch.manual_seed(0)
+    model = ResoLLMModel(small_config()).eval()  # built outside inference mode (its derived tables track versions)
+    with torch.inference_mode():
+        return _twin_anatomy(model, args.anatomy_steps)
+
+
+def _twin_anatomy(model: ResoLLMModel, steps: int) -> dict[str, float]:
+    W = StabilityConfig().lyapunov_window
+    prompt = torch.randint(0, 250, (1, 64), generator=torch.Generator().manual_seed(1))
+    caches = {}
+    for B in (1, 2):
+        caches[B] = model.new_cache(B, 64 + 8 * steps + 8)
+        model(prompt.expand(B, -1).contiguous(), cache=caches[B])
+    fork = caches[1].shared_view()  # the view the twin copies (caches[1] only grows after this)
+    window = torch.randint(0, 250, (1, W), generator=torch.Generator().manual_seed(2))
+    offsets = torch.zeros(1, W, model.config.dim)
+    token = torch.tensor([[7]])
+    gap = max(float((model(token, cache=caches[1]).logits[0] - model(token.expand(2, 1), cache=caches[2]).logits[0])
+                    .abs().max()) for _ in range(4))
+    runs = {"decode step, batch 1": lambda: model(token, cache=caches[1]),
+            "decode step, batch 2 (lockstep twin)": lambda: model(token.expand(2, 1), cache=caches[2]),
+            f"twin window forward ({W} tokens)": lambda: model(window, cache=fork.copy_prefix(),
+                                                               input_offsets=offsets, last_only=True)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(steps):
+        for k in runs if i % 2 == 0 else reversed(list(runs)):
+            t = time.perf_counter()
+            runs[k]()
+            times[k].append(time.perf_counter() - t)
+    out = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    out["gap"] = gap
+    return out
+
+
 def train_tiny(args, tok) -> ResoLLMModel:
     text = DATA.read_text()
     data = torch.tensor(tok.encode(text[: 400_000]), dtype=torch.long)
@@ -256,6 +301,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=128, help="tokens per timed generation")
     ap.add_argument("--repeats", type=int, default=31, help="interleaved runs per configuration (median)")
+    ap.add_argument("--anatomy-steps", type=int, default=200, help="timed rounds of the twin-cost rows")
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--gen-tokens", type=int, default=200)
@@ -265,6 +311,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.tokens, args.repeats, args.train_steps, args.prompts, args.gen_tokens = 32, 2, 30, 2, 60
+        args.anatomy_steps = 10
     torch.set_num_threads(args.threads)
 
     rows = speed(args)
@@ -279,6 +326,19 @@ def main() -> None:
     control = next(r for r in rows if r[0] == CONTROL)
     print(f"The A/A control runs the all-off configuration again: its {control[2]:+.1%} wall "
           f"({control[6]:+.1%} per model-s) is this run's noise floor for the 'vs off' columns.")
+
+    anatomy = twin_anatomy(args)
+    gap = anatomy.pop("gap")
+    one = anatomy["decode step, batch 1"]
+    print(f"\nThe twin's work in decode steps, small preset, 64-token prompt, median of {args.anatomy_steps} in turns")
+    print(f"{'operation':40s} {'ms':>8s} {'decode steps':>13s}")
+    for name, ms in anatomy.items():
+        print(f"{name:40s} {ms:8.3f} {ms / one:13.2f}")
+    W = StabilityConfig().lyapunov_window
+    second = anatomy["decode step, batch 2 (lockstep twin)"] - one
+    print(f"A window read in lockstep as a second row would cost {W} x {second:.3f} = {W * second:.2f} ms against "
+          f"{anatomy[f'twin window forward ({W} tokens)']:.2f} ms now; the batch-2 step's first row differs from "
+          f"the batch-1 step by up to {gap:.1e} in the logits.")
 
     rep, real = repetition(args)
     print(f"\nStochastic resonance on a briefly trained model ({args.train_steps} steps), {args.prompts} prompts x "
