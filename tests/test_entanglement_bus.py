@@ -69,6 +69,7 @@ def make_node(hub: BusHub, agent: str, **kwargs: object) -> BusNode:
 
 def test_nodes_publishing_in_random_orders_converge(hub: BusHub) -> None:
     nodes = [make_node(hub, f"a{i}") for i in range(4)]
+    last: list[dict[str, int]] = [{} for _ in nodes]  # each node's last value per key
     try:
         assert all(n.wait_active(5) for n in nodes)
 
@@ -77,6 +78,7 @@ def test_nodes_publishing_in_random_orders_converge(hub: BusHub) -> None:
             for i in range(150):
                 name = f"k{rng.randrange(5)}"
                 node.publish(name, {"value": i, "sedenion": [rng.random() for _ in range(16)]})
+                last[seed][name] = i
                 if rng.random() < 0.2:
                     time.sleep(rng.random() * 0.002)
 
@@ -85,13 +87,25 @@ def test_nodes_publishing_in_random_orders_converge(hub: BusHub) -> None:
             t.start()
         for t in threads:
             t.join(10)
+
+        def handed(n: BusNode) -> int:
+            """Own updates handed to the hub, not counting re-sends: on a loaded machine a node
+            may miss the hub's heartbeats for hub_timeout, re-sync and re-send the keys its
+            snapshot lacked (counted in both sent and restored)."""
+            c = n.counters
+            return c.sent - c.restored
+
         # publish() only queues: wait until every node has handed its updates to the hub
-        assert all(n.wait_for(lambda n: n.counters.sent == 150, 5) for n in nodes)
-        assert wait_until(lambda: hub.seq == 4 * 150, 10)  # ... and the hub has stamped them
+        assert all(n.wait_for(lambda n: handed(n) == 150, 5) for n in nodes), [n.counters for n in nodes]
+        restored = sum(n.counters.restored for n in nodes)
+        assert wait_until(lambda: hub.seq >= 4 * 150 + restored, 10), (hub.seq, restored)  # ... all stamped
         assert wait_converged(nodes, hub, timeout=10)
         assert all(n.peers() == {f"a{j}" for j in range(4)} - {n.agent_id} for n in nodes)
         for n in nodes:
-            assert n.counters.sent == 150
+            for j, values in enumerate(last):  # everyone holds every agent's last value per key
+                latest = n.latest(f"a{j}")
+                assert {name: u.payload["value"] for name, u in latest.items()} == values
+            assert handed(n) == 150 and n.counters.send_failed == 0
             assert n.counters.malformed == 0
             assert n.alive
     finally:
@@ -202,7 +216,8 @@ def test_hub_process_sigkilled_and_restarted_mid_stream() -> None:
         for i in range(50):
             for n in nodes:
                 n.publish("counter", {"value": i})
-        assert all(n.wait_for(lambda n: n.seq == 100, 5) for n in nodes)
+        # >=: a node that misses the hub's heartbeats on a loaded machine re-syncs and re-sends
+        assert all(n.wait_for(lambda n: n.seq >= 100, 5) for n in nodes)
         hub.kill()  # SIGKILL: no clean shutdown of any socket
         hub.wait(5)
         for i in range(50, 80):  # keep publishing while there is no hub
@@ -393,8 +408,8 @@ def test_a_burst_travels_in_parcels_and_in_order(hub: BusHub) -> None:
         for i in range(300):  # far faster than one send per coalesce interval
             a.publish("x", {"step": i})
         assert b.wait_for(lambda n: bool(steps) and steps[-1] == 299, 10)
-        assert a.wait_for(lambda n: n.counters.sent == 300, 5)
-        assert hub.counters.published - published == 300
+        assert a.wait_for(lambda n: n.counters.sent - n.counters.restored == 300, 5)  # re-sends apart
+        assert hub.counters.published - published == 300 + a.counters.restored
         # fewer frames than updates reached the hub (its received count includes heartbeats)
         assert hub.counters.received - frames < 150
         assert steps == sorted(set(steps))  # in order, none twice (a re-sync may skip some)
@@ -412,7 +427,7 @@ def test_close_sends_what_waits_in_the_outbox(hub: BusHub) -> None:
         for i in range(50):
             a.publish("x", {"step": i})
         a.close()  # at once: whatever waits in the outbox must still leave
-        assert a.counters.sent == 50
+        assert a.counters.sent - a.counters.restored == 50
         assert b.wait_for(lambda n: 49 in steps, 5)
     finally:
         b.close()
