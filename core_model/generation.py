@@ -57,18 +57,32 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                history: torch.Tensor | None = None, temperature: float | None = None) -> torch.Tensor:
-    """One token per row from logits (B, V). ``temperature`` overrides ``params.temperature``."""
+def sampling_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None,
+                    temperature: float | None = None) -> torch.Tensor:
+    """The logits (B, V) a step draws from: ``logits`` with the repetition penalty, divided by the
+    temperature and masked (-inf) outside top-k and top-p; at temperature 0 (greedy) the
+    penalised logits. ``temperature`` overrides ``params.temperature``."""
     logits = logits.float()
     if history is not None:
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     t = params.temperature if temperature is None else temperature
     if t == 0:
-        return logits.argmax(dim=-1)
-    logits = filter_logits(logits / t, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return logits
+    return filter_logits(logits / t, params.top_k, params.top_p)
+
+
+def sample_from(final: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from ``sampling_logits``' output: the argmax at temperature 0."""
+    if temperature == 0:
+        return final.argmax(dim=-1)
+    return torch.multinomial(final.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                history: torch.Tensor | None = None, temperature: float | None = None) -> torch.Tensor:
+    """One token per row from logits (B, V). ``temperature`` overrides ``params.temperature``."""
+    t = params.temperature if temperature is None else temperature
+    return sample_from(sampling_logits(logits, params, history, t), t, generator)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from .cognition.decoding import CognitiveDecoder
+from .cognition.decoding import CognitiveDecoder, generation_lock
 from .cognition.interactive import run_interactive
 from .config import ResoLLMConfig
 from .generation import SamplingParams
@@ -99,8 +99,6 @@ class ResoLLMInference:
         filter off for this call. ``seed=None`` uses ``session.seed + session.turn`` (successive
         calls differ, a restored session continues identically). ``chat=True`` wraps the prompt in the chat template.
         """
-        if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
         s = self.sampling
         params = SamplingParams(s.temperature if temperature is None else temperature,
                                 s.top_k if top_k is None else (top_k or None),  # 0: no top-k for this call
@@ -115,39 +113,43 @@ class ResoLLMInference:
                      seed: int | None = None, *, prompt: str = "", chat: bool = False, stop_at_eos: bool = True,
                      halt_on_instability: bool | None = None) -> GenerationResult:
         session = self.session
-        seed = session.seed + session.turn if seed is None else seed
         stops = set()
         if stop_at_eos:
             stops.add(self.tokenizer.eos_id)
             if chat:
                 stops.add(self.tokenizer.end_id)
-        active = {g.id: g for g in session.agency.active_goals()}
-        trace = CognitiveDecoder(self.model, self.tokenizer).run(ids, max_length, params or self.sampling, seed,
-                                                                 frozenset(stops), halt_on_instability)
-        session.turn += 1
-        session.memory.tick()
-        out_ids = [t for t in trace.tokens if not (t in stops)]
-        return GenerationResult(
-            text=self.tokenizer.decode(out_ids),
-            tokens_generated=len(trace.tokens),
-            stability=session.stability.label,
-            lyapunov=float(session.stability.lyapunov),
-            entropy_trace=trace.entropy,
-            lyapunov_trace=trace.lyapunov,
-            temperature_trace=trace.temperature,
-            coherence_trace=trace.coherence,
-            goals_achieved=trace.goals_achieved,
-            attention_summary=[f.to_dict() for f in session.agency.foci],
-            warnings=trace.warnings,
-            generation_time_ms=trace.elapsed_ms,
-            prompt=prompt,
-            token_ids=trace.tokens,
-            stability_score=session.stability_score(),
-            repetition_trace=trace.repetition,
-            noise_steps=trace.noise_steps,
-            halted=trace.halted,
-            goal_progress={g.description: round(g.progress, 4) for g in active.values()},
-        )
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        ids = list(ids) or [self.tokenizer.bos_id]
+        with generation_lock(self.model):  # the run and its commit to the session, one at a time
+            seed = session.seed + session.turn if seed is None else seed
+            active = {g.id: g for g in session.agency.active_goals()}
+            trace = CognitiveDecoder(self.model, self.tokenizer).run(ids, max_length, params or self.sampling, seed,
+                                                                     frozenset(stops), halt_on_instability)
+            session.turn += 1
+            session.memory.tick()
+            out_ids = [t for t in trace.tokens if not (t in stops)]
+            return GenerationResult(
+                text=self.tokenizer.decode(out_ids),
+                tokens_generated=len(trace.tokens),
+                stability=session.stability.label,
+                lyapunov=float(session.stability.lyapunov),
+                entropy_trace=trace.entropy,
+                lyapunov_trace=trace.lyapunov,
+                temperature_trace=trace.temperature,
+                coherence_trace=trace.coherence,
+                goals_achieved=trace.goals_achieved,
+                attention_summary=[f.to_dict() for f in session.agency.foci],
+                warnings=trace.warnings,
+                generation_time_ms=trace.elapsed_ms,
+                prompt=prompt,
+                token_ids=trace.tokens,
+                stability_score=session.stability_score(),
+                repetition_trace=trace.repetition,
+                noise_steps=trace.noise_steps,
+                halted=trace.halted,
+                goal_progress={g.description: round(g.progress, 4) for g in active.values()},
+            )
 
     def generate_with_goal(self, prompt: str, goal_description: str, max_length: int = 100,
                            goal_type: str = "informative", **kwargs: Any) -> GenerationResult:

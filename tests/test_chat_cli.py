@@ -101,3 +101,28 @@ def test_every_pending_goal_lasts_one_response_and_a_refused_goal_is_not_fatal()
 def test_bad_checkpoint_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["chat", "--checkpoint", str(tmp_path)], input="exit\n")
     assert result.exit_code == 2
+
+
+def test_commands_in_any_case_a_goal_set_before_exit_goes_and_a_failed_response_is_not_fatal(monkeypatch):
+    torch.manual_seed(0)
+    tok = create_default_tokenizer()
+    model = ResoLLMModel(ResoLLMConfig(dim=64, num_layers=2, num_heads=4, num_phases=4, max_seq_len=256)).eval()
+    engine = ResoLLMInference(model, tok)
+    out = _chat(engine, "Status\nGOAL talk about gardens\nEXIT\n")
+    assert "status: stability=" in out and "goal set for the next response" in out and "reso> " not in out
+    assert out.rstrip().endswith("bye")
+    assert [g.status for g in model.session.agency.goals] == ["abandoned"]  # it had no response to last for
+
+    real = engine.generate_ids
+    calls = {"n": 0}
+
+    def fails_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate_ids", fails_once)
+    out = _chat(engine, "hello\nhello again\nexit\n")
+    assert "error: the response failed (RuntimeError: out of memory)" in out and out.count("reso> ") == 1
+    assert [t["text"] for t in model.session.history if t["role"] == "user"] == ["hello again"]

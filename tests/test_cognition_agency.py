@@ -229,3 +229,15 @@ def test_coverage_counts_whole_words_and_plurals_only():
     model = tiny()
     goal = model.create_goal("rain forecast")
     assert model.goal_progress(goal, "training forecasters") < 0.5  # no coverage from substrings
+
+
+def test_a_goal_without_content_words_is_measured_by_similarity_alone():
+    import numpy as np
+
+    from core_model.cognition.agency import Goal
+
+    g = Goal(1, "be it so", "task", 1.0, [1.0, 0.0, 0.0], [], [], [])
+    assert g.measure(np.array([2.0, 0.0, 0.0]), "anything") == pytest.approx(1.0)  # reachable
+    assert g.measure(np.array([0.0, 1.0, 0.0]), "anything") == 0.0
+    worded = Goal(2, "gardens", "task", 1.0, [1.0, 0.0, 0.0], ["gardens"], [[1]], [True])
+    assert worded.measure(np.array([2.0, 0.0, 0.0]), "no match") == pytest.approx(0.5)

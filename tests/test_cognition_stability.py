@@ -246,3 +246,49 @@ def _child_uses_the_worker(conn) -> None:
     worker = lyapunov._shared_worker()
     name = worker.submit(lambda: threading.current_thread().name).result(timeout=10)
     conn.send((name.rsplit("_", 1)[0], worker is not None))
+
+
+@pytest.mark.parametrize("exponent, label", [(0.5, "chaotic"), (float("nan"), "divergent")])
+def test_the_window_read_after_the_last_step_classifies_too(monkeypatch, exponent, label):
+    """A 20-token generation reads its only window (steps 1-16) when it ends, not during it: that
+    exponent must still set the label, the score and a warning."""
+    from core_model.cognition import lyapunov
+
+    monkeypatch.setattr(lyapunov, "window_exponent", lambda twin, main: exponent)
+    tok = create_default_tokenizer()
+    model = tiny()
+    r = ResoLLMInference(model, tok, temperature=0.8).generate("Once upon a time", max_length=20, seed=0,
+                                                               stop_at_eos=False)
+    assert r.tokens_generated == 20 and set(r.lyapunov_trace) == {0.0}  # nothing was read during the steps
+    assert r.stability == label and any(f"step 19: generation became {label}" in w for w in r.warnings)
+    assert model.get_stability() < 0.5
+
+
+def test_an_interrupted_wait_for_a_window_still_waits_for_its_forward(monkeypatch):
+    """An exception (Ctrl-C) while the main thread waits for a window's exponent must not return
+    while the worker's forward still runs on the model."""
+    import time
+
+    from core_model.cognition import lyapunov
+
+    done = threading.Event()
+    real_forward = lyapunov.LyapunovTwin._forward
+
+    def slow_forward(self, *args):
+        time.sleep(0.3)
+        try:
+            return real_forward(self, *args)
+        finally:
+            done.set()
+
+    def interrupted(self, timeout=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lyapunov.LyapunovTwin, "_forward", slow_forward)
+    monkeypatch.setattr(lyapunov.Future, "result", interrupted)  # the first wait is interrupted
+    tok = create_default_tokenizer()
+    model = tiny()
+    engine = ResoLLMInference(model, tok, temperature=0.8)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate("Once upon a time", max_length=40, seed=0, stop_at_eos=False)
+    assert done.is_set()  # generate() returned only after the window's forward had ended

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -100,3 +101,91 @@ def test_a_call_can_switch_off_the_engines_filters():
     c = greedy_like.generate("Hello", max_length=20, seed=3, stop_at_eos=False)
     assert a.token_ids == b.token_ids  # both filters off for that one call
     assert c.token_ids != b.token_ids and greedy_like.sampling.top_k == 1  # the engine's settings stay
+
+
+def test_the_prompt_keeps_half_the_window_and_max_length_is_capped_with_a_warning():
+    tok = create_default_tokenizer()
+    engine = ResoLLMInference(tiny(), tok, temperature=0.8)  # max_seq_len 256
+    r = engine.generate("word " * 20, max_length=300, seed=0, stop_at_eos=False)  # more than the window
+    prompt = len(tok.encode("word " * 20))
+    assert prompt < 128 and r.tokens_generated == 256 - prompt  # the whole prompt stayed
+    assert any("at most" in w and "new tokens fit" in w for w in r.warnings)
+    assert not any("truncated" in w for w in r.warnings)
+    r = engine.generate("word " * 60, max_length=300, seed=0, stop_at_eos=False)  # 300 bytes, 256 fit
+    assert any("truncated to its last 128 tokens" in w for w in r.warnings) and r.tokens_generated == 128
+    with pytest.raises(ValueError, match="max_length"):
+        engine.generate_ids([1, 2, 3], 0)
+    assert engine.generate_ids([], 3, seed=0).tokens_generated == 3  # an empty prompt starts from bos
+
+
+def test_the_entropy_is_that_of_the_filtered_distribution():
+    """With top_k=1 the sampled distribution is a point mass: entropy 0, and the controller, which
+    reads it, does not cool the temperature as it would for the raw logits' high entropy."""
+    tok = create_default_tokenizer()
+    r = ResoLLMInference(tiny(), tok, temperature=0.8, top_k=1).generate("Hello", max_length=12, seed=0,
+                                                                        stop_at_eos=False)
+    assert r.entropy_trace == [0.0] * 12
+    assert r.temperature_trace[-1] > 0.8  # a collapsed entropy heats (the raw logits' would cool)
+    wide = ResoLLMInference(tiny(), tok, temperature=0.8, top_k=50).generate("Hello", max_length=12, seed=0,
+                                                                            stop_at_eos=False)
+    assert all(0 < h <= math.log(50) + 1e-9 for h in wide.entropy_trace)
+
+
+def test_a_failed_generation_leaves_the_session_as_it_was(monkeypatch):
+    from core_model.cognition import decoding
+
+    tok = create_default_tokenizer()
+    model = tiny()
+    engine = ResoLLMInference(model, tok, temperature=0.8)
+    model.create_goal("describe the gardens and their rivers")
+    engine.generate("Tell me", max_length=20, seed=0, stop_at_eos=False)
+    before = json.dumps(model.cognition_state(), sort_keys=True)
+    calls = {"n": 0}
+    real = decoding.CognitiveDecoder._update_goals
+
+    def failing(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after a goal update and a few steps of the repetition window
+            raise RuntimeError("boom")
+        return real(self, *args)
+
+    monkeypatch.setattr(decoding.CognitiveDecoder, "_update_goals", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.generate("Go on", max_length=40, seed=5, stop_at_eos=False)
+    assert json.dumps(model.cognition_state(), sort_keys=True) == before
+    monkeypatch.setattr(decoding.CognitiveDecoder, "_update_goals", real)
+    retry = engine.generate("Go on", max_length=40, seed=5, stop_at_eos=False)
+    clean = tiny()
+    clean.load_cognition_state(json.loads(before))
+    assert ResoLLMInference(clean, tok, temperature=0.8).generate(
+        "Go on", max_length=40, seed=5, stop_at_eos=False).token_ids == retry.token_ids
+
+
+def test_generations_on_one_model_from_two_threads_take_turns():
+    import threading
+
+    tok = create_default_tokenizer()
+    results = {}
+
+    def alone(i: int):
+        model = tiny()
+        return ResoLLMInference(model, tok, temperature=0.8).generate(f"prompt {i}", max_length=30, seed=i,
+                                                                      stop_at_eos=False)
+
+    expected = {i: alone(i) for i in range(2)}
+    model = tiny()
+    engine = ResoLLMInference(model, tok, temperature=0.8)
+
+    def run(i: int):
+        results[i] = engine.generate(f"prompt {i}", max_length=30, seed=i, stop_at_eos=False)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i in range(2):  # the same tokens and foci as alone (the foci read the shared attention probe)
+        assert results[i].token_ids == expected[i].token_ids
+        assert [f["intensity"] for f in results[i].attention_summary] == \
+            [f["intensity"] for f in expected[i].attention_summary]
+    assert model.session.turn == 2

@@ -7,6 +7,7 @@ generation with running mean hidden state ``m`` (centred the same way) and text 
     progress = 1/2 * max(0, cos(m, g)) + 1/2 * coverage(y),
     coverage(y) = share of the goal's content words present in y as whole words (plurals count)
 
+(``progress = max(0, cos(m, g))`` for a goal without content words, which has nothing to cover)
 and the goal is achieved once ``progress >= achievement_threshold``. Active goals steer
 decoding with a logit bias on goal-word tokens: the next token of a goal word whose prefix the
 output just produced gets ``beta * (1 + k / len)``; at a word boundary the first token of
@@ -122,6 +123,8 @@ class Goal:
 
     def _progress(self, mean_hidden: np.ndarray | None, coverage: float) -> float:
         sim = max(0.0, centred_cosine(mean_hidden, self.array())) if mean_hidden is not None else 0.0
+        if not self.words:  # nothing to cover ("be brief"): the similarity alone, so it can be achieved
+            return sim
         return 0.5 * sim + 0.5 * coverage
 
     def update(self, mean_hidden: np.ndarray | None, text: str, threshold: float, step: int) -> bool:

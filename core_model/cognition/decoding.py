@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..fused import phase_kernel
-from ..generation import SamplingParams, sample_next
+from ..generation import SamplingParams, sample_from, sample_next, sampling_logits
 from .agency import AttentionFocus, SteeringTable, compute_foci
 from .api import ConceptInput, memory_offset, reference_hidden
 from .lyapunov import LyapunovTwin
@@ -48,10 +49,14 @@ class DecodeTrace:
     elapsed_ms: float = 0.0
 
 
-def _entropy(z: np.ndarray) -> float:
-    """``H = -sum p ln p`` of ``softmax(z)``: ``logsumexp(z) - sum p z`` (nan if z is not finite)."""
+def _entropy(z: np.ndarray, masked: bool = False) -> float:
+    """``H = -sum p ln p`` of ``softmax(z)``: ``logsumexp(z) - sum p z``; nan if ``z`` is not finite
+    (a diverging model), except, when ``masked``, for the -inf entries that top-k / top-p put there
+    (left out; still nan if all are)."""
     if not np.isfinite(z).all():
-        return float("nan")
+        if not masked or np.isnan(z).any() or np.isposinf(z).any() or np.isneginf(z).all():
+            return float("nan")
+        z = z[np.isfinite(z)]
     e = np.exp(z - z.max())
     s = float(e.sum())
     return math.log(s) + float(z.max()) - float(np.dot(e, z)) / s
@@ -169,8 +174,47 @@ class _AttentionProbe:
         self.attn.last_query = None
 
 
+_locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def generation_lock(model) -> threading.RLock:
+    """The model's generation lock: generations on one model take turns (they share its session
+    and its attention probe). Kept outside the module, so the model still pickles and copies."""
+    with _locks_guard:
+        lock = _locks.get(model)
+        if lock is None:
+            lock = _locks[model] = threading.RLock()
+        return lock
+
+
+class _Rollback:
+    """What a generation changes in the session while it runs (the repetition window, the goals'
+    progress, and the foci, written at the end), so a generation that fails leaves the session
+    as it found it: a retry with the same seed then matches a clean run. The rest (stability,
+    phases, the step counter) is written only once the generation has succeeded."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.repetition = list(session.repetition.tokens)
+        self.goals = [(g, list(g.covered), g.status, g.progress, g.stall, g.achieved_at)
+                      for g in session.agency.goals]
+        self.foci = list(session.agency.foci)
+        self.held_since = dict(session.agency.held_since)
+
+    def restore(self) -> None:
+        s = self.session
+        s.repetition.clear()
+        for t in self.repetition:
+            s.repetition.push(t)
+        for g, covered, status, progress, stall, achieved_at in self.goals:
+            g.covered, g.status, g.progress, g.stall, g.achieved_at = covered, status, progress, stall, achieved_at
+        s.agency.foci, s.agency.held_since = self.foci, self.held_since
+
+
 class CognitiveDecoder:
-    """Runs one generation against ``model.session`` (see module docstring)."""
+    """Runs one generation against ``model.session`` (see module docstring). Generations on one
+    model take turns (``generation_lock``); one that raises leaves the session as it was."""
 
     def __init__(self, model, tokenizer) -> None:
         self.model = model
@@ -180,6 +224,16 @@ class CognitiveDecoder:
     @torch.inference_mode()
     def run(self, prompt_ids: list[int], max_new: int, params: SamplingParams, seed: int,
             stop_ids: frozenset[int], halt_on_instability: bool | None = None) -> DecodeTrace:
+        with generation_lock(self.model):
+            rollback = _Rollback(self.session)
+            try:
+                return self._run(prompt_ids, max_new, params, seed, stop_ids, halt_on_instability)
+            except BaseException:
+                rollback.restore()
+                raise
+
+    def _run(self, prompt_ids: list[int], max_new: int, params: SamplingParams, seed: int,
+             stop_ids: frozenset[int], halt_on_instability: bool | None) -> DecodeTrace:
         model, session = self.model, self.session
         cfg = session.config
         V = model.config.vocab_size
@@ -189,11 +243,16 @@ class CognitiveDecoder:
         started = time.perf_counter()
         limit = model.config.max_seq_len
         if len(prompt_ids) + max_new > limit:
-            keep = max(1, limit - max_new)
+            # The prompt keeps at least half the window (all of it when shorter), the new tokens
+            # the rest: a max_length near max_seq_len must not cut the prompt to nothing.
+            keep = min(len(prompt_ids), max(limit - max_new, limit // 2, 1), max(limit - 1, 1))
             if keep < len(prompt_ids):
                 trace.warnings.append(f"step 0: prompt truncated to its last {keep} tokens (max_seq_len {limit})")
                 prompt_ids = prompt_ids[-keep:]
-            max_new = min(max_new, limit - len(prompt_ids))
+            if max_new > limit - len(prompt_ids):
+                max_new = max(limit - len(prompt_ids), 1)
+                trace.warnings.append(f"step 0: at most {max_new} new tokens fit after the prompt "
+                                      f"(max_seq_len {limit})")
         stab_on = cfg.stability.enabled
         lyap_on = stab_on and cfg.stability.lyapunov
         agency_on = cfg.agency.enabled
@@ -230,6 +289,7 @@ class CognitiveDecoder:
                 moments = [_FociMoment.now(probe, T0, 0)]  # computed after the last step
             generator = torch.Generator(device=device).manual_seed(seed)
             history = torch.tensor([prompt_ids], device=device) if params.repetition_penalty != 1.0 else None
+            filtered = history is not None or params.top_k is not None or params.top_p is not None
             boundary_ids = self.tok.boundary_ids() if goals else None
             steering = SteeringTable(V, cfg.agency.goal_bias, device)
             steering.reset(goals)
@@ -242,9 +302,14 @@ class CognitiveDecoder:
                     if dense is not None:  # one dense add: fewer kernels than a clone and an indexed add
                         logits = raw + dense
                 temp = controller.temperature if stab_on else params.temperature
-                nxt = int(sample_next(logits[None], params, generator, history, temperature=temp)[0])
-                z = logits.cpu().numpy().astype(np.float64)  # numpy: a few us for V floats
-                entropy = _entropy(z / temp if temp > 0 else z)
+                if filtered:  # the entropy of what is sampled: penalised, top-k / top-p masked
+                    final = sampling_logits(logits[None], params, history, temp)
+                    nxt = int(sample_from(final, temp, generator)[0])
+                    entropy = _entropy(final[0].cpu().numpy().astype(np.float64), masked=True)
+                else:
+                    nxt = int(sample_next(logits[None], params, generator, history, temperature=temp)[0])
+                    z = logits.cpu().numpy().astype(np.float64)  # numpy: a few us for V floats
+                    entropy = _entropy(z / temp if temp > 0 else z)
                 coh = out.coherence
                 trace.tokens.append(nxt)
                 context.append(nxt)
@@ -299,7 +364,7 @@ class CognitiveDecoder:
                 # the worker must finish before the model is free again; a window read after the
                 # last step updates the final exponent (not the per-step trace)
                 twin.close()
-                tracker.refresh()
+                tracker.refresh(max(len(trace.tokens) - 1, 0))
             if stab_on:
                 session.stability = tracker.state
             trace.warnings.extend(tracker.warnings)

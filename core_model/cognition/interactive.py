@@ -1,12 +1,15 @@
 """The interactive chat loop behind ``ResoLLMInference.interactive_session`` and ``reso chat``.
 
-Lines read from ``input_stream``: ``exit`` ends; ``goal <description>`` sets a goal for the
-next response (several may be set; after that response those not achieved are abandoned; a goal
-that cannot be created, e.g. agency off or ``max_goals`` reached, is reported, not fatal);
+Lines read from ``input_stream`` (commands in any case): ``exit`` ends; ``goal <description>``
+sets a goal for the next response (several may be set; after that response, or when the session
+ends first, those not achieved are abandoned; a goal that cannot be created, e.g. agency off or
+``max_goals`` reached, is reported, not fatal);
 ``status`` prints the session's state; ``metrics`` toggles the metrics line
 printed after each response; anything else is a user message, answered with the whole
 conversation in the chat template as context. Each user message is also stored in the
-episodic memory (importance 0.5) when memory is enabled.
+episodic memory (importance 0.5) when memory is enabled. A response that fails (a cognition
+error, a value or runtime error from the model) is reported and the session carries on without
+that message in the history (the generation leaves the session as it found it).
 """
 
 from __future__ import annotations
@@ -35,8 +38,23 @@ def status_text(engine: "ResoLLMInference") -> str:
 
 
 def run_interactive(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO, out: TextIO, max_length: int) -> None:
-    tok, session = engine.tokenizer, engine.session
     pending_goals: list[Goal] = []
+    try:
+        _loop(engine, show_metrics, inp, out, max_length, pending_goals)
+    finally:  # a goal lasts one response: one set just before exit (or EOF) goes with the session
+        _abandon(pending_goals)
+
+
+def _abandon(goals: list[Goal]) -> None:
+    for goal in goals:
+        if goal.status == "active":
+            goal.status = "abandoned"
+    goals.clear()
+
+
+def _loop(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO, out: TextIO, max_length: int,
+          pending_goals: list[Goal]) -> None:
+    tok, session = engine.tokenizer, engine.session
 
     def say(line: str) -> None:
         out.write(line + "\n")
@@ -53,17 +71,18 @@ def run_interactive(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO,
         msg = line.strip()
         if not msg:
             continue
-        if msg == "exit":
+        command = msg.lower()  # commands in any case: "Exit", "GOAL ..."
+        if command == "exit":
             say("bye")
             break
-        if msg == "metrics":
+        if command == "metrics":
             show_metrics = not show_metrics
             say(f"metrics display {'on' if show_metrics else 'off'}")
             continue
-        if msg == "status":
+        if command == "status":
             say(status_text(engine))
             continue
-        if msg == "goal" or msg.startswith("goal "):
+        if command == "goal" or command.startswith("goal "):
             desc = msg[4:].strip()
             if not desc:
                 say("usage: goal <description>")
@@ -80,11 +99,14 @@ def run_interactive(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO,
         session.history.append({"role": "user", "text": msg})
         turns = [ChatTurn(t["role"], t["text"]) for t in session.history]
         ids = tok.encode_chat(turns, add_generation_prompt=True)
-        result = engine.generate_ids(ids, max_length, chat=True, prompt=msg)
-        for goal in pending_goals:  # a goal lasts one response: those not achieved are dropped
-            if goal.status == "active":
-                goal.status = "abandoned"
-        pending_goals = []
+        try:
+            result = engine.generate_ids(ids, max_length, chat=True, prompt=msg)
+        except (CognitionError, ValueError, RuntimeError) as exc:  # said, not fatal: the session is as it was
+            session.history.pop()
+            say(f"error: the response failed ({type(exc).__name__}: {exc}); the message was not added")
+            continue
+        finally:
+            _abandon(pending_goals)
         session.history.append({"role": "assistant", "text": result.text})
         say(f"reso> {result.text}")
         if result.goals_achieved:

@@ -202,7 +202,10 @@ class LyapunovTwin:
             _twin.on = False
 
     def _finish(self) -> None:
-        run, self.running = self.running, None
+        run = self.running
+        # cleared only once the result is in: an interrupt (or the worker's error) while waiting
+        # leaves the window running, so close(read=False) still waits for its forward to end
         exponent = run.future.result()
+        self.running = None
         if not run.noisy:
             self.tracker.observe_exponent(exponent, run.end)

@@ -150,12 +150,15 @@ class PredictiveStability:
         self.positions.append(position)
         self._observed += 1
 
-    def refresh(self) -> StabilityState:
-        """Recompute the exponent estimate from the exponents observed so far (after the last
-        step: the Lyapunov twin's window read when the generation ends); the label stays that of
-        the last step."""
+    def refresh(self, step: int | None = None) -> StabilityState:
+        """Recompute the exponent estimate from the exponents observed so far and classify again
+        (after the last step: the Lyapunov twin's window read when the generation ends may turn
+        a stable label chaotic or divergent; ``step`` names the step in a warning). The period
+        stays the one detected at the last step."""
         self.state.lyapunov = self._estimate()
         self.state.local_exponents = list(self.exponents)
+        self._estimated_at = self._observed
+        self._classify(step if step is not None else 0)
         return self.state
 
     def observe(self, step: int, entropy: float, tokens: list[int], finite: bool = True) -> StabilityState:
@@ -169,6 +172,19 @@ class PredictiveStability:
             s.local_exponents = list(self.exponents)
             self._estimated_at = self._observed
         s.period = detect_period(tokens, c.window)
+        self._classify(step)
+        forecast = self._forecast()
+        predicted = forecast > c.lyapunov_threshold and s.label == STABLE
+        if predicted and not s.predicted_unstable:
+            self.warnings.append(f"step {step}: instability predicted within {c.predictive_horizon} steps "
+                                 f"(lyapunov forecast {forecast:.4f} > {c.lyapunov_threshold})")
+        s.predicted_unstable = predicted
+        return s
+
+    def _classify(self, step: int) -> None:
+        """The label from the non-finite flag, the exponent estimate and the period; a change to
+        a label other than stable is a warning naming ``step``."""
+        c, s = self.config, self.state
         previous = s.label
         if self._nonfinite or s.lyapunov > 10 * c.lyapunov_threshold:
             s.label = DIVERGENT
@@ -181,13 +197,6 @@ class PredictiveStability:
         if s.label != previous and s.label != STABLE:
             detail = f" (period {s.period})" if s.label == PERIODIC else f" (lyapunov {s.lyapunov:.4f})"
             self.warnings.append(f"step {step}: generation became {s.label}{detail}")
-        forecast = self._forecast()
-        predicted = forecast > c.lyapunov_threshold and s.label == STABLE
-        if predicted and not s.predicted_unstable:
-            self.warnings.append(f"step {step}: instability predicted within {c.predictive_horizon} steps "
-                                 f"(lyapunov forecast {forecast:.4f} > {c.lyapunov_threshold})")
-        s.predicted_unstable = predicted
-        return s
 
     def _estimate(self) -> float:
         """Mean of the exponents measured within the last ``window`` steps (at least the latest)."""
