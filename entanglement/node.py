@@ -83,7 +83,7 @@ class NodeCounters:
     resyncs: int = 0  # snapshot requests after the first
     hub_timeouts: int = 0  # hub silent for hub_timeout: sockets re-made
     callback_errors: int = 0  # exceptions raised by on_update callbacks (logged)
-    restored: int = 0  # own keys re-sent because the hub no longer had them (expired, restarted)
+    restored: int = 0  # own updates re-sent: the hub lost them (expiry, restart) or a snapshot missed them
     # (node.counters returns a copy; callback_errors is filled in from the replica)
 
 
@@ -122,6 +122,7 @@ class BusNode:
         self._keys: dict[str, str] = {}  # name -> validated key (publish fast path)
         # Node-thread bookkeeping (touched only by the node thread).
         self._pending: list[StateUpdate] = []
+        self._replaying = False  # replaying the updates queued while a snapshot was on its way
         self._snapshot_items: dict[str, StateUpdate] = {}
         self._request_id = 0
         self._request_sent = 0.0
@@ -469,17 +470,21 @@ class BusNode:
         items, self._snapshot_items = self._snapshot_items, {}
         self._replica.install(items, msg.seq, msg.epoch, before_notify=self._activate)
         pending, self._pending = self._pending, []
-        for queued in pending:
-            if self._state is not NodeState.ACTIVE:
-                self._pending.append(queued)  # a re-sync started: keep queueing
-            elif queued.epoch != self._replica.epoch or queued.seq <= self._replica.seq:
-                self._counters.dropped += 1  # covered by the snapshot (or from an old hub)
-            else:
-                self._sequence(queued)
-        # the hub lost what it lacks (restart or expiry): send it again, after the outbox
-        resent = self._out.resend_missing(self._replica.__contains__)
-        if self._request_id > 1:  # a re-sync, not the first snapshot
-            self._counters.restored += resent
+        self._replaying = True  # own keys the replay deletes are re-sent once, below
+        try:
+            for queued in pending:
+                if self._state is not NodeState.ACTIVE:
+                    self._pending.append(queued)  # a re-sync started: keep queueing
+                elif queued.epoch != self._replica.epoch or queued.seq <= self._replica.seq:
+                    self._counters.dropped += 1  # covered by the snapshot (or from an old hub)
+                else:
+                    self._sequence(queued)
+        finally:
+            self._replaying = False
+        # what the hub lacks (lost in a restart or expired, or still on its way there: an update
+        # published just before this snapshot): send it again, after the outbox. Every re-send
+        # counts in restored, so sent - restored is the number of updates the caller published.
+        self._counters.restored += self._out.resend_missing(self._replica.__contains__)
 
     def _apply(self, msg: StateUpdate) -> None:
         self._replica.apply(msg)
@@ -493,6 +498,8 @@ class BusNode:
         is not undone: `publish(name, None)` forgets the key before the deletion is sent. (If
         the user re-publishes a key while its deletion is on its way back, the new value is
         sent once more: harmless, and counted as restored.)"""
+        if self._replaying:  # the snapshot's resend_missing covers these
+            return
         lost = [m.key for m in applied if m.payload is None and m.agent == self.agent_id]
         if lost:
             restored = self._out.resend(lost)

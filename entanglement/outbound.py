@@ -8,7 +8,11 @@ what makes the sharing safe.
 An update leaves at once from the caller's thread, unless the node sent something less than
 `BusConfig.coalesce` ago: then it joins the outbox, and the node thread, woken through the
 node's pipe (b"F") when the outbox stops being empty, sends everything in it as one parcel (see
-`entanglement.message`). A full outbox leaves from the caller's thread. Order is kept either way:
+`entanglement.message`). A full outbox leaves from the caller's thread, and so does one the node
+thread has left waiting longer than `coalesce` (it is busy, e.g. in a slow `on_update` callback):
+a busy node thread never holds its agent's updates back. Waking the node thread never blocks
+(a full pipe already holds a wake-up; an ended thread has nothing to wake), so no caller can
+hang holding the lock. Order is kept either way:
 anything sent directly after the outbox filled up sends the outbox first.
 """
 
@@ -47,6 +51,7 @@ class Outbound:
         self._own: dict[str, bytes] = {}  # key -> latest body published (for re-sending)
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
+        self._outbox_since = 0.0  # monotonic time the oldest update in the outbox joined it
         self._last_send = float("-inf")  # monotonic time of the last send to the hub
         self.closed = False
 
@@ -100,7 +105,7 @@ class Outbound:
         """Ask the node thread to stop (it sends the outbox first)."""
         with self.lock:
             if not self.closed:
-                self._wake.send(b"S")
+                self._wake_node(b"S")
 
     def close(self) -> None:
         """Send what is still queued, then close both sockets; publishing returns None after."""
@@ -121,14 +126,36 @@ class Outbound:
             return self._send(body, updates=1)
         limits = self.config.limits
         sent = True
-        if (len(self._outbox) >= limits.max_array_len
-                or self._outbox_bytes + len(body) > limits.max_frame_bytes - PARCEL_OVERHEAD):
+        full = (len(self._outbox) >= limits.max_array_len
+                or self._outbox_bytes + len(body) > limits.max_frame_bytes - PARCEL_OVERHEAD)
+        if not full and self._outbox and now - self._outbox_since >= self.config.coalesce:
+            # the node thread has not sent the outbox within coalesce (it is busy, e.g. in a slow
+            # on_update callback): it leaves from this thread with this update, nothing waits
+            self._outbox.append(body)
+            self._outbox_bytes += len(body)
+            return self._flush()
+        if full:
             sent = self._flush()  # a full parcel leaves from this thread
+        if not self._outbox:
+            self._outbox_since = now
         self._outbox.append(body)
         self._outbox_bytes += len(body)
         if len(self._outbox) == 1:
-            self._wake.send(b"F")  # wake the node thread: it sends the outbox when it runs
+            self._wake_node(b"F")  # wake the node thread: it sends the outbox when it runs
         return sent
+
+    def _wake_node(self, command: bytes) -> None:
+        """Tell the node thread ``command`` without ever blocking under the lock: a full pipe
+        already holds a wake-up, and a node thread that has ended (its pipe end closed) has
+        nothing to wake; whatever waits in the outbox then leaves with ``close()``."""
+        tries = 100 if command == b"S" else 1  # a stop must arrive: let a draining thread make room
+        for attempt in range(tries):
+            try:
+                self._wake.send(command, zmq.NOBLOCK)
+                return
+            except zmq.Again:  # full (wake-ups queued already: the flush will run) or no thread
+                if attempt + 1 < tries:
+                    time.sleep(0.01)
 
     def _flush(self) -> bool:
         """Send the outbox as one parcel (one body goes alone)."""
