@@ -289,6 +289,7 @@ class BusHub:
             poller.register(self._zap.socket, zmq.POLLIN)
         interval = self._config.heartbeat_interval
         next_tick = time.monotonic()
+        deferred = False  # the last tick put expiry off (a backlog of collected frames)
         # CURVE: each collected message says whose credential sent it (no handshake over inproc)
         bound = self._zap is not None and not self._resolved.collect.startswith("inproc://")
         while True:
@@ -300,9 +301,13 @@ class BusHub:
             if self._zap is not None and self._zap.socket in events:
                 self._zap.handle()
                 self.counters.auth_denied = self._zap.denied
+            backlog = False  # the collector still held frames when the drain's budget ran out
             if collector in events:
                 heard: dict[str, None] = {}
-                for _ in range(_DRAIN):  # one zmq.Again per wake-up ends the drain
+                for i in range(_DRAIN + 1):  # one zmq.Again per wake-up ends the drain
+                    if i == _DRAIN:
+                        backlog = True
+                        break
                     try:
                         message = collector.recv(zmq.NOBLOCK, copy=not bound)
                     except zmq.Again:
@@ -325,7 +330,13 @@ class BusHub:
                     self._answer_snapshot(frames, snapshot)
             now = time.monotonic()
             if now >= next_tick:
-                self._expire(now, publisher)
+                # after a stall, live agents' heartbeats may still wait in a backlog: expiry waits
+                # one tick for them (one only: a flood that never ends must not stop expiry)
+                if backlog and not deferred:
+                    deferred = True
+                else:
+                    deferred = False
+                    self._expire(now, publisher)
                 self._flush(publisher)
                 publisher.send(pack_batch(self.epoch, self._seq, []))  # the heartbeat
                 next_tick = now + interval
