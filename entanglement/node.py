@@ -463,6 +463,9 @@ class BusNode:
         if msg.key != SNAPSHOT_END:
             if not msg.is_control and msg.payload is not None:
                 self._snapshot_items[msg.key] = msg
+            # a transfer that keeps arriving is alive: snapshot_timeout counts from its latest item,
+            # so a large snapshot over a slow link is not abandoned and asked for again forever
+            self._request_sent = self._last_hub
             return
         if msg.payload is None or msg.payload.get("request") != self._request_id:
             self._snapshot_items = {}  # the end of an older request: wait for ours

@@ -151,9 +151,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 @contextmanager
-def scripted_hub(sndhwm: int | None = None) -> Iterator[tuple[zmq.Socket, zmq.Socket, BusNode]]:
-    """A hub played by the test: its PUB and ROUTER bound on tcp, and a node "victim" connected;
-    all of it closed on exit."""
+def scripted_hub(sndhwm: int | None = None, **config: Any) -> Iterator[tuple[zmq.Socket, zmq.Socket, BusNode]]:
+    """A hub played by the test: its PUB and ROUTER bound on tcp, and a node "victim" connected
+    (``config`` overrides CONFIG); all of it closed on exit."""
     ctx = zmq.Context()
     pub, router = ctx.socket(zmq.PUB), ctx.socket(zmq.ROUTER)
     for s in (pub, router):
@@ -164,7 +164,7 @@ def scripted_hub(sndhwm: int | None = None) -> Iterator[tuple[zmq.Socket, zmq.So
     router.bind(eps.snapshot)
     pub.bind(eps.publish)
     real = BusEndpoints(router.last_endpoint.decode(), pub.last_endpoint.decode(), eps.collect)
-    node = BusNode("victim", BusConfig(endpoints=real, **CONFIG))
+    node = BusNode("victim", BusConfig(endpoints=real, **{**CONFIG, **config}))
     try:
         yield pub, router, node
     finally:
@@ -477,3 +477,25 @@ def test_an_active_node_survives_fuzzed_batches_and_heals_by_snapshot() -> None:
         assert state["bodies"] >= 500 and state["resyncs"] >= 10 and state["applied"] >= 10
         assert len(state["map"]) >= 3
         assert node.alive and node.error is None
+
+
+def test_a_slow_snapshot_that_keeps_arriving_is_not_abandoned() -> None:
+    """A scripted hub sends its snapshot items 0.15 s apart, longer in all than snapshot_timeout:
+    the timeout counts from the latest item, so the node takes this snapshot, not a new one."""
+    timeout = 0.3
+    with scripted_hub(snapshot_timeout=timeout) as (pub, router, node):
+        epoch = 7
+        assert router.poll(5000)
+        identity, request = router.recv_multipart()
+        req = unpack(request)
+        items = max(4, int(2 * timeout / 0.15) + 1)  # the transfer lasts twice snapshot_timeout
+        for i in range(items):
+            router.send_multipart([identity, packb([WIRE_VERSION, f"agent/a1/k{i}", "a1", {"step": i}, i + 1,
+                                                    epoch, 1.0])])
+            time.sleep(0.15)
+        router.send_multipart([identity, packb([WIRE_VERSION, "$snapshot-end", "hub",
+                                                {"extra": {"request": req.payload["request"]}}, items, epoch,
+                                                1.0])])
+        assert node.wait_active(5)
+        assert len(node.latest("a1")) == items and node.counters.resyncs == 0
+        assert not router.poll(200)  # no second request
