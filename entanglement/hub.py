@@ -304,10 +304,7 @@ class BusHub:
             backlog = False  # the collector still held frames when the drain's budget ran out
             if collector in events:
                 heard: dict[str, None] = {}
-                for i in range(_DRAIN + 1):  # one zmq.Again per wake-up ends the drain
-                    if i == _DRAIN:
-                        backlog = True
-                        break
+                for _ in range(_DRAIN):  # one zmq.Again per wake-up ends the drain
                     try:
                         message = collector.recv(zmq.NOBLOCK, copy=not bound)
                     except zmq.Again:
@@ -319,6 +316,8 @@ class BusHub:
                     if user is not None:
                         self._collect(message.bytes, publisher, heard,
                                       None if user == SHARED_CLIENT else user)
+                else:  # the budget ran out before zmq.Again
+                    backlog = True
                 self._flush(publisher)
                 self._touch(heard, time.monotonic())
             if snapshot in events:

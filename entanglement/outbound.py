@@ -128,18 +128,17 @@ class Outbound:
         sent = True
         full = (len(self._outbox) >= limits.max_array_len
                 or self._outbox_bytes + len(body) > limits.max_frame_bytes - PARCEL_OVERHEAD)
-        if not full and self._outbox and now - self._outbox_since >= self.config.coalesce:
-            # the node thread has not sent the outbox within coalesce (it is busy, e.g. in a slow
-            # on_update callback): it leaves from this thread with this update, nothing waits
-            self._outbox.append(body)
-            self._outbox_bytes += len(body)
-            return self._flush()
+        # the node thread has not sent the outbox within coalesce (it is busy, e.g. in a slow
+        # on_update callback): it leaves from this thread with this update, nothing waits
+        stale = not full and bool(self._outbox) and now - self._outbox_since >= self.config.coalesce
         if full:
             sent = self._flush()  # a full parcel leaves from this thread
         if not self._outbox:
             self._outbox_since = now
         self._outbox.append(body)
         self._outbox_bytes += len(body)
+        if stale:
+            return self._flush()
         if len(self._outbox) == 1:
             self._wake_node(b"F")  # wake the node thread: it sends the outbox when it runs
         return sent

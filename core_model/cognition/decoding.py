@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..fused import phase_kernel
-from ..generation import SamplingParams, sample_from, sample_next, sampling_logits
+from ..generation import SamplingParams, sample_from, sampling_logits
 from .agency import AttentionFocus, SteeringTable, compute_foci
 from .api import ConceptInput, memory_offset, reference_hidden
 from .lyapunov import LyapunovTwin
@@ -213,8 +213,9 @@ class _Rollback:
 
 
 class CognitiveDecoder:
-    """Runs one generation against ``model.session`` (see module docstring). Generations on one
-    model take turns (``generation_lock``); one that raises leaves the session as it was."""
+    """Runs one generation against ``model.session`` (see module docstring); one that raises
+    leaves the session as it was. The caller holds ``generation_lock(model)`` (generations on one
+    model take turns), as ``ResoLLMInference.generate_ids`` does."""
 
     def __init__(self, model, tokenizer) -> None:
         self.model = model
@@ -224,13 +225,12 @@ class CognitiveDecoder:
     @torch.inference_mode()
     def run(self, prompt_ids: list[int], max_new: int, params: SamplingParams, seed: int,
             stop_ids: frozenset[int], halt_on_instability: bool | None = None) -> DecodeTrace:
-        with generation_lock(self.model):
-            rollback = _Rollback(self.session)
-            try:
-                return self._run(prompt_ids, max_new, params, seed, stop_ids, halt_on_instability)
-            except BaseException:
-                rollback.restore()
-                raise
+        rollback = _Rollback(self.session)
+        try:
+            return self._run(prompt_ids, max_new, params, seed, stop_ids, halt_on_instability)
+        except BaseException:  # restored, then re-raised
+            rollback.restore()
+            raise
 
     def _run(self, prompt_ids: list[int], max_new: int, params: SamplingParams, seed: int,
              stop_ids: frozenset[int], halt_on_instability: bool | None) -> DecodeTrace:
@@ -302,12 +302,11 @@ class CognitiveDecoder:
                     if dense is not None:  # one dense add: fewer kernels than a clone and an indexed add
                         logits = raw + dense
                 temp = controller.temperature if stab_on else params.temperature
+                final = sampling_logits(logits[None], params, history, temp)
+                nxt = int(sample_from(final, temp, generator)[0])
                 if filtered:  # the entropy of what is sampled: penalised, top-k / top-p masked
-                    final = sampling_logits(logits[None], params, history, temp)
-                    nxt = int(sample_from(final, temp, generator)[0])
                     entropy = _entropy(final[0].cpu().numpy().astype(np.float64), masked=True)
                 else:
-                    nxt = int(sample_next(logits[None], params, generator, history, temperature=temp)[0])
                     z = logits.cpu().numpy().astype(np.float64)  # numpy: a few us for V floats
                     entropy = _entropy(z / temp if temp > 0 else z)
                 coh = out.coherence
