@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("phase_step.cpp", "phase_fields.cpp")]
-NAME = "reso_block_step_v5"  # bump when the kernel's interface changes
+NAME = "reso_block_step_v6"  # bump when the kernel's interface changes
 _lock = threading.Lock()
 _kernel: ModuleType | None = None
 _state = "not loaded"

@@ -162,7 +162,8 @@ std::vector<torch::Tensor> phase_fields_bwd(torch::Tensor theta, torch::Tensor z
                                             double w_scale, int64_t H, bool kuramoto);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("block_step", &block_step, "fused cached forward of a block");
-  m.def("phase_fields_fwd", &phase_fields_fwd, "phase machinery of an uncached sequence");
-  m.def("phase_fields_bwd", &phase_fields_bwd, "its backward");
+  m.def("block_step", &block_step, "fused cached forward of a block", py::call_guard<py::gil_scoped_release>());
+  m.def("phase_fields_fwd", &phase_fields_fwd, "phase machinery of an uncached sequence",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("phase_fields_bwd", &phase_fields_bwd, "its backward", py::call_guard<py::gil_scoped_release>());
 }
