@@ -32,7 +32,9 @@
    ``lyapunov_window``-token window forward on a copy of the cache (what the twin runs now),
    interleaved; and how far the batch-2 step's first row lies from the batch-1 step (a lockstep
    twin would move the main trajectory by that much: the tests require that the twin never
-   changes it).
+   changes it). Then how much of a window's forward its worker thread hides: ``LAG`` decode
+   steps alone, a window forward alone, and the same steps while the window runs on a worker
+   thread (what a generation does between starting a window and reading its exponent), in turns.
 3. Stochastic resonance on a briefly trained model (a few hundred AdamW steps on tinyshakespeare,
    byte tokenizer, inside this script): share of repeated 4-grams of the generations with SR off
    and on at the same fixed temperature, next to the same statistic of real text, and the mean
@@ -47,15 +49,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import random
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from core_model.cognition.lyapunov import in_twin_forward
+from core_model.cognition.lyapunov import LAG, in_twin_forward
 from core_model.cognition.resonance import repeated_ngram_share
 from core_model.config import (
     AgencyConfig, PRSCConfig, ResoLLMConfig, StabilityConfig, StochasticResonanceConfig, TemporalSMFConfig,
@@ -230,8 +234,53 @@ def _twin_anatomy(model: ResoLLMModel, steps: int) -> dict[str, float]:
             runs[k]()
             times[k].append(time.perf_counter() - t)
     out = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    out.update(_overlap(model, prompt, window, offsets, steps))
     out["gap"] = gap
     return out
+
+
+def _overlap(model: ResoLLMModel, prompt: torch.Tensor, window: torch.Tensor, offsets: torch.Tensor,
+             steps: int) -> dict[str, float]:
+    """Median ms of ``LAG`` decode steps alone and of the same steps while a twin window forward
+    runs on a worker thread (what a generation does between starting a window and reading it),
+    taken in turns with the window alone; the share of the window hidden behind the steps is
+    ``(steps + window - both) / window``."""
+    lag = LAG
+    pool = ThreadPoolExecutor(1)
+    token = torch.tensor([[7]])
+    cache = fork = None
+
+    def fresh() -> None:
+        nonlocal cache, fork
+        cache = model.new_cache(1, model.config.max_seq_len)
+        model(prompt, cache=cache)
+        fork = cache.shared_view()
+
+    def decode() -> None:
+        for _ in range(lag):
+            model(token, cache=cache)
+
+    def twin() -> None:
+        with torch.inference_mode():  # a thread-local mode: the worker sets its own, as the twin does
+            model(window, cache=fork.copy_prefix(), input_offsets=offsets, last_only=True)
+
+    def both() -> None:
+        future = pool.submit(twin)
+        decode()
+        future.result()
+
+    runs = {f"{lag} decode steps": decode, "twin window alone": twin, f"{lag} steps beside a window on the worker": both}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    fresh()
+    for i in range(max(steps // 4, 4)):
+        if cache.length + 2 * lag > cache.max_len:
+            fresh()
+        for k in runs if i % 2 == 0 else reversed(list(runs)):
+            t = time.perf_counter()
+            runs[k]()
+            times[k].append(time.perf_counter() - t)
+    pool.shutdown()
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
 def train_tiny(args, tok) -> ResoLLMModel:
@@ -332,8 +381,17 @@ def main() -> None:
     one = anatomy["decode step, batch 1"]
     print(f"\nThe twin's work in decode steps, small preset, 64-token prompt, median of {args.anatomy_steps} in turns")
     print(f"{'operation':40s} {'ms':>8s} {'decode steps':>13s}")
+    lag = [k for k in anatomy if k.endswith("decode steps")][0]
+    beside = [k for k in anatomy if k.endswith("on the worker")][0]
+    overlap = {k: anatomy.pop(k) for k in (lag, "twin window alone", beside)}
     for name, ms in anatomy.items():
         print(f"{name:40s} {ms:8.3f} {ms / one:13.2f}")
+    for name, ms in overlap.items():
+        print(f"{name:40s} {ms:8.3f} {ms / one:13.2f}")
+    hidden = (overlap[lag] + overlap["twin window alone"] - overlap[beside]) / overlap["twin window alone"]
+    print(f"A window on the worker thread beside {lag} adds {overlap[beside] - overlap[lag]:.2f} ms: "
+          f"{hidden:.0%} of its forward is hidden behind the decoding (100%: free; 0%: no overlap; torch "
+          f"threads: {torch.get_num_threads()}, CPUs: {os.cpu_count()}).")
     W = StabilityConfig().lyapunov_window
     second = anatomy["decode step, batch 2 (lockstep twin)"] - one
     print(f"A window read in lockstep as a second row would cost {W} x {second:.3f} = {W * second:.2f} ms against "

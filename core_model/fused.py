@@ -13,7 +13,9 @@ forwards): the phasors, mean field, order parameter, gate, Kuramoto step and att
 features of a whole sequence, forward and backward, in two calls per block instead of about
 fifty small kernels (see ``core_model/phase_fields.py``). Everything else (padded batches,
 external fields in training, other devices and dtypes, autocast) runs the eager code. Both
-paths compute the same equations (tests compare values to 1e-5, gradients to 1e-4).
+paths compute the same equations (tests compare values to 1e-5, gradients to 1e-4). The kernels
+release the GIL while they run (they touch only tensors), so a forward in another thread (the
+Lyapunov twin's window on its worker) runs beside them instead of waiting for them.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
 ninja; about 30 s, once per machine: the build is cached under ``TORCH_EXTENSIONS_DIR`` or
