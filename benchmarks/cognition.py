@@ -56,6 +56,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -227,16 +228,25 @@ def _twin_anatomy(model: ResoLLMModel, steps: int) -> dict[str, float]:
             "decode step, batch 2 (lockstep twin)": lambda: model(token.expand(2, 1), cache=caches[2]),
             f"twin window forward ({W} tokens)": lambda: model(window, cache=fork.copy_prefix(),
                                                                input_offsets=offsets, last_only=True)}
+    out: dict = _in_turns(runs, steps)
+    out["overlap"] = _overlap(model, prompt, window, offsets, steps)
+    out["gap"] = gap
+    return out
+
+
+def _in_turns(runs: dict[str, Callable[[], object]], rounds: int,
+              before: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median ms of each of ``runs`` over ``rounds`` rounds, in alternating order (``before``
+    runs ahead of each round, untimed)."""
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for i in range(steps):
+    for i in range(rounds):
+        if before is not None:
+            before()
         for k in runs if i % 2 == 0 else reversed(list(runs)):
             t = time.perf_counter()
             runs[k]()
             times[k].append(time.perf_counter() - t)
-    out = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    out.update(_overlap(model, prompt, window, offsets, steps))
-    out["gap"] = gap
-    return out
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
 
 
 def _overlap(model: ResoLLMModel, prompt: torch.Tensor, window: torch.Tensor, offsets: torch.Tensor,
@@ -245,19 +255,19 @@ def _overlap(model: ResoLLMModel, prompt: torch.Tensor, window: torch.Tensor, of
     runs on a worker thread (what a generation does between starting a window and reading it),
     taken in turns with the window alone; the share of the window hidden behind the steps is
     ``(steps + window - both) / window``."""
-    lag = LAG
     pool = ThreadPoolExecutor(1)
     token = torch.tensor([[7]])
     cache = fork = None
 
-    def fresh() -> None:
+    def fresh() -> None:  # a new cache when the next round could overflow this one
         nonlocal cache, fork
-        cache = model.new_cache(1, model.config.max_seq_len)
-        model(prompt, cache=cache)
-        fork = cache.shared_view()
+        if cache is None or cache.length + 2 * LAG > cache.max_len:
+            cache = model.new_cache(1, model.config.max_seq_len)
+            model(prompt, cache=cache)
+            fork = cache.shared_view()
 
     def decode() -> None:
-        for _ in range(lag):
+        for _ in range(LAG):
             model(token, cache=cache)
 
     def twin() -> None:
@@ -269,18 +279,11 @@ def _overlap(model: ResoLLMModel, prompt: torch.Tensor, window: torch.Tensor, of
         decode()
         future.result()
 
-    runs = {f"{lag} decode steps": decode, "twin window alone": twin, f"{lag} steps beside a window on the worker": both}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    fresh()
-    for i in range(max(steps // 4, 4)):
-        if cache.length + 2 * lag > cache.max_len:
-            fresh()
-        for k in runs if i % 2 == 0 else reversed(list(runs)):
-            t = time.perf_counter()
-            runs[k]()
-            times[k].append(time.perf_counter() - t)
-    pool.shutdown()
-    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+    try:
+        return _in_turns({f"{LAG} decode steps": decode, "twin window alone": twin,
+                          f"{LAG} steps beside a window on the worker": both}, max(steps // 4, 4), before=fresh)
+    finally:
+        pool.shutdown()
 
 
 def train_tiny(args, tok) -> ResoLLMModel:
@@ -381,15 +384,12 @@ def main() -> None:
     one = anatomy["decode step, batch 1"]
     print(f"\nThe twin's work in decode steps, small preset, 64-token prompt, median of {args.anatomy_steps} in turns")
     print(f"{'operation':40s} {'ms':>8s} {'decode steps':>13s}")
-    lag = [k for k in anatomy if k.endswith("decode steps")][0]
-    beside = [k for k in anatomy if k.endswith("on the worker")][0]
-    overlap = {k: anatomy.pop(k) for k in (lag, "twin window alone", beside)}
-    for name, ms in anatomy.items():
+    overlap = anatomy.pop("overlap")
+    for name, ms in [*anatomy.items(), *overlap.items()]:
         print(f"{name:40s} {ms:8.3f} {ms / one:13.2f}")
-    for name, ms in overlap.items():
-        print(f"{name:40s} {ms:8.3f} {ms / one:13.2f}")
-    hidden = (overlap[lag] + overlap["twin window alone"] - overlap[beside]) / overlap["twin window alone"]
-    print(f"A window on the worker thread beside {lag} adds {overlap[beside] - overlap[lag]:.2f} ms: "
+    steps_ms, alone_ms, both_ms = overlap.values()
+    hidden = (steps_ms + alone_ms - both_ms) / alone_ms
+    print(f"A window on the worker thread beside {LAG} decode steps adds {both_ms - steps_ms:.2f} ms: "
           f"{hidden:.0%} of its forward is hidden behind the decoding (100%: free; 0%: no overlap; torch "
           f"threads: {torch.get_num_threads()}, CPUs: {os.cpu_count()}).")
     W = StabilityConfig().lyapunov_window
