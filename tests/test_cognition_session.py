@@ -116,3 +116,28 @@ def test_new_settings_that_the_state_breaks_are_refused():
     with pytest.raises(CognitionError, match="max_bindings"):
         ResoLLMInference(model, tok, config(prsc=PRSCConfig(max_bindings=1)))
     assert model.session.config is model.config and len(model.session.concepts) == 2  # unchanged
+
+
+def test_the_reference_hidden_state_survives_a_reset_and_follows_the_weights():
+    """The calibration text's mean hidden state (which centres every text encoding) is computed
+    once per weight version and tokenizer: a reset keeps it, any parameter changing in place,
+    not only the head, recomputes it, and so does another tokenizer."""
+    from core_model.cognition.api import reference_hidden
+
+    tok = create_default_tokenizer()
+    torch.manual_seed(0)
+    model = ResoLLMModel(config()).eval()
+    ResoLLMInference(model, tok)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    first = reference_hidden(model)
+    assert len(forwards) == 1
+    model.reset_cognition()
+    assert reference_hidden(model) is first and len(forwards) == 1
+    with torch.no_grad():
+        model.blocks[0].ffn.fc.weight.mul_(1.5)  # a weight far from the head
+    moved = reference_hidden(model)
+    assert len(forwards) == 2 and not (moved == first).all()
+    model.attach_tokenizer(create_default_tokenizer())
+    again = reference_hidden(model)
+    assert len(forwards) == 3 and (again == moved).all()

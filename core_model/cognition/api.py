@@ -48,15 +48,17 @@ def hidden_states(model, ids: list[int]) -> torch.Tensor:
 
 
 def reference_hidden(model) -> np.ndarray:
-    """Mean hidden state on the calibration text, cached until the weights change in place."""
+    """Mean hidden state on the calibration text, cached on the session (a reset keeps it) until
+    any parameter is replaced or changes in place (an optimizer step, ``load_state_dict``,
+    ``.to()``) or another tokenizer is attached."""
     session = model.session
-    w = model.head.weight
-    key = (id(w), w._version)
+    tok = session_tokenizer(model)
+    weights = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
     cached = session.derived("reference_hidden")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    ref = hidden_states(model, session_tokenizer(model).encode(CALIBRATION_TEXT)).mean(0).cpu().numpy()
-    session.set_derived("reference_hidden", (key, ref))
+    if cached is not None and cached[0] is tok and cached[1] == weights:
+        return cached[2]
+    ref = hidden_states(model, tok.encode(CALIBRATION_TEXT)).mean(0).cpu().numpy()
+    session.set_derived("reference_hidden", (tok, weights, ref))
     return ref
 
 

@@ -47,7 +47,7 @@ class CognitiveSession:
         self.episode = 0
         self.turn = 0
         self.step = 0  # tokens generated over the session
-        self._derived.clear()
+        # self._derived survives: it holds values derived from the weights (each checks its own key)
 
     def apply_config(self, config: ResoLLMConfig) -> None:
         """Use ``config`` (same network) from now on, keeping the state: the memory's decay rate,
