@@ -9,11 +9,28 @@ reference the cached path is tested against).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from .cache import ModelCache
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Every module in eval mode inside, then ``model.train(model.training as it was)``, as
+    ``model.eval()`` ... ``model.train(was_training)`` does; when no module is training, both
+    calls are skipped (each walks every module: about 0.1-0.4 ms on this CPU)."""
+    was_training = model.training
+    switch = any(m.training for m in model.modules())
+    if switch:
+        model.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            model.train(was_training)
 
 
 @dataclass
@@ -180,11 +197,9 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, p
     B, T = ids.shape
     generator = torch.Generator(device=device)
     generator.manual_seed(0 if seed is None else seed)
-    was_training = model.training
-    model.eval()
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     history = ids.clone()
-    try:
+    with eval_mode(model):
         if use_cache:
             cache: ModelCache = model.new_cache(B, T + max_new_tokens)
             logits = model(ids, attention_mask=mask, cache=cache, external_field=external_field, last_only=True).logits
@@ -207,5 +222,3 @@ def _decode(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, p
             if use_cache:
                 logits = model(nxt[:, None], attention_mask=mask[:, -1:], cache=cache,
                                external_field=external_field).logits
-    finally:
-        model.train(was_training)

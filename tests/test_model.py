@@ -247,6 +247,25 @@ def test_streamed_generation_equals_generate_and_leaves_grad_mode_alone():
         model.generate_stream(prompts, max_new_tokens=-1)
 
 
+def test_eval_mode_switches_only_when_a_module_trains_and_restores_as_before():
+    from core_model.generation import eval_mode
+
+    model = build()
+    for top, inner in ((True, True), (False, False), (False, True)):  # training, eval, mixed
+        model.train(top)
+        model.blocks[0].train(inner)
+        with eval_mode(model):
+            assert not any(m.training for m in model.modules())
+        # as model.eval() ... model.train(was_training): every module follows the top's flag
+        assert all(m.training == top for m in model.modules())
+    calls = []
+    model.eval()
+    model.train = lambda mode=True: calls.append(mode)  # an all-eval model is not walked at all
+    with eval_mode(model):
+        pass
+    assert calls == []
+
+
 def test_loss_ignores_masked_targets_and_sequence_limit_is_enforced():
     model = build()
     x = ids(B=1, T=16)

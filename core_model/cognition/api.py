@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..generation import eval_mode
 from .agency import AttentionFocus, Goal, content_words
 from .errors import CognitionError
 from .memory import Moment, Recollection
@@ -37,13 +38,8 @@ def hidden_states(model, ids: list[int]) -> torch.Tensor:
     if not ids:
         raise CognitionError("cannot encode an empty text")
     ids = ids[-model.config.max_seq_len:]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        out = model(torch.tensor([ids], device=device))
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        out = model(torch.tensor([ids], device=next(model.parameters()).device))
     return out.hidden[0].float()
 
 

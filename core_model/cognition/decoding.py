@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..fused import phase_kernel
-from ..generation import SamplingParams, sample_from, sampling_logits
+from ..generation import SamplingParams, eval_mode, sample_from, sampling_logits
 from .agency import AttentionFocus, SteeringTable, compute_foci
 from .api import ConceptInput, memory_offset, reference_hidden
 from .lyapunov import LyapunovTwin
@@ -227,7 +227,8 @@ class CognitiveDecoder:
             stop_ids: frozenset[int], halt_on_instability: bool | None = None) -> DecodeTrace:
         rollback = _Rollback(self.session)
         try:
-            return self._run(prompt_ids, max_new, params, seed, stop_ids, halt_on_instability)
+            with eval_mode(self.model):
+                return self._run(prompt_ids, max_new, params, seed, stop_ids, halt_on_instability)
         except BaseException:  # restored, then re-raised
             rollback.restore()
             raise
@@ -268,8 +269,6 @@ class CognitiveDecoder:
         offsets = self._offsets(1, concepts.offsets(prompt_ids, 0), mem, T0)
         probe = _AttentionProbe(model.blocks[-1].attn) if agency_on else None
         sr = StochasticResonance(cfg.stochastic_resonance, model.blocks, seed + 1)
-        was_training = model.training
-        model.eval()
         twin: LyapunovTwin | None = None
         try:
             tracker = PredictiveStability(cfg.stability, V)
@@ -375,7 +374,6 @@ class CognitiveDecoder:
             sr.off()
             if probe is not None:
                 probe.remove()
-            model.train(was_training)
         session.step += len(trace.tokens)
         trace.elapsed_ms = (time.perf_counter() - started) * 1000
         return trace
