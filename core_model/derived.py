@@ -10,9 +10,14 @@ gradients enabled (training) it always recomputes, so autograd sees the real com
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+
+
+def version_key(sources: Sequence[torch.Tensor] | Iterable[torch.Tensor]) -> tuple:
+    """What changes when any of ``sources`` is replaced, moved, cast or changed in place."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in sources)
 
 
 def derived(owner: object, name: str, sources: Sequence[torch.Tensor],
@@ -20,7 +25,7 @@ def derived(owner: object, name: str, sources: Sequence[torch.Tensor],
     """``compute()``, cached on ``owner`` under ``name`` while gradients are off (module docstring)."""
     if torch.is_grad_enabled():
         return compute()
-    key = tuple((p.data_ptr(), p._version, p.dtype) for p in sources)
+    key = version_key(sources)
     hit = owner.__dict__.get(name)
     if hit is not None and hit[0] == key:
         return hit[1]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..derived import version_key
 from ..generation import eval_mode
 from .agency import AttentionFocus, Goal, content_words
 from .errors import CognitionError
@@ -49,7 +50,7 @@ def reference_hidden(model) -> np.ndarray:
     ``.to()``) or another tokenizer is attached."""
     session = model.session
     tok = session_tokenizer(model)
-    weights = tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+    weights = version_key(model.parameters())
     cached = session.derived("reference_hidden")
     if cached is not None and cached[0] is tok and cached[1] == weights:
         return cached[2]

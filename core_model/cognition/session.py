@@ -34,7 +34,8 @@ class CognitiveSession:
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything: goals, foci, concepts, memory, trackers, history, counters."""
+        """Forget everything: goals, foci, concepts, memory, trackers, history, counters. Values
+        derived from the weights alone (``derived``) are kept: each is checked against its key."""
         c = self.config
         self.agency = AgencyState()
         self.concepts = ConceptStore(c.vocab_size, c.num_phases, c.prsc.max_bindings, c.prsc.coherence_threshold)
@@ -47,7 +48,6 @@ class CognitiveSession:
         self.episode = 0
         self.turn = 0
         self.step = 0  # tokens generated over the session
-        # self._derived survives: it holds values derived from the weights (each checks its own key)
 
     def apply_config(self, config: ResoLLMConfig) -> None:
         """Use ``config`` (same network) from now on, keeping the state: the memory's decay rate,
