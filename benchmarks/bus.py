@@ -88,13 +88,15 @@ def receive_raw(sub: zmq.Socket, window: Window) -> None:
     while time.time() < window.end + 0.2:
         if not sub.poll(50):
             continue
-        for _ in range(1000):
+        for _ in range(1000):  # until nothing waits (ZMQ_EVENTS, as the bus does: no zmq.Again per wake-up)
             try:
                 frame = sub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             sender, _key, _seq, sent_at, _payload = msgpack.unpackb(frame, raw=False)
             window.seen(sender, sent_at)
+            if not sub.get(zmq.EVENTS) & zmq.POLLIN:
+                break
 
 
 def publish_loop(publish: Any, start: float, end: float, period: float | None) -> None:

@@ -7,8 +7,8 @@ another, pushing ``--rate`` encoded updates per second (the bus's wire format, a
 for ``--seconds``; the measured process either
 
   raw SUB   subscribes to the hub's PUB socket and unpacks each batch frame with msgpack in a
-            thread of its own (poll, drain until zmq.Again): no validation, no sequencing, no
-            replica, or
+            thread of its own (poll, then read until ZMQ_EVENTS says nothing waits, as the node
+            does): no validation, no sequencing, no replica, or
   BusNode   runs a real node (security "none" for both, so encryption does not enter), whose
             thread validates and sequences each batch, applies it to the replica and calls an
             update callback.
@@ -17,7 +17,12 @@ for ``--seconds``; the measured process either
 included) over the updates it received; each row's median over --repeats runs in alternating
 order, "vs raw" the median of each repeat's ratio.
 
-    python benchmarks/bus_receive.py [--rate 1000] [--seconds 2] [--repeats 5]   # about 1 minute
+A second table shows why the bus ends a drain on ``ZMQ_EVENTS`` (``entanglement.drain``): a
+receiver thread that polls a PULL socket fed at --rate messages/s (one message per wake-up, as
+in the paced latency benchmark) and reads until ``zmq.Again`` is raised, against the same thread
+asking ``ZMQ_EVENTS`` after each message; the thread's CPU time per message, in alternating runs.
+
+    python benchmarks/bus_receive.py [--rate 1000] [--seconds 2] [--repeats 5]   # about 1.5 minutes
 """
 
 from __future__ import annotations
@@ -78,13 +83,15 @@ def start_raw_receiver(config: BusConfig, count: list[int]):
         while not stop.is_set():
             if not sub.poll(50):
                 continue
-            while True:
+            while True:  # until nothing waits (ZMQ_EVENTS, as the node does: see drain_cost)
                 try:
                     frame = sub.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 # [version, epoch, last_seq, [update, ...]]: one msgpack array per batch
                 count[0] += len(msgpack.unpackb(frame, raw=False)[3])
+                if not sub.get(zmq.EVENTS) & zmq.POLLIN:
+                    break
 
     thread = threading.Thread(target=receive)
     thread.start()
@@ -127,6 +134,51 @@ def measure(kind: str, config: BusConfig, rate: float, seconds: float) -> float:
     return used / count[0] * 1e6
 
 
+def drain_cost(rate: float, seconds: float, repeats: int) -> dict[str, list[float]]:
+    """Thread CPU per message of a poll-and-drain receiver (a PULL fed at ``rate`` messages/s,
+    so one message per wake-up) that ends each drain on ``zmq.Again`` or on ``ZMQ_EVENTS``
+    (what ``entanglement.drain`` does), in alternating runs over one socket."""
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    spawn = mp.get_context("spawn")
+    kinds = ["zmq.Again", "ZMQ_EVENTS"]
+    samples: dict[str, list[float]] = {k: [] for k in kinds}
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    n = int(rate * seconds)
+    try:
+        for i in range(repeats):
+            for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                go = spawn.Queue()
+                feeder = spawn.Process(target=feeder_process, args=(f"tcp://127.0.0.1:{port}", go, rate, seconds))
+                feeder.start()
+                time.sleep(0.3)  # connected
+                got, events = 0, kind == "ZMQ_EVENTS"
+                go.put(1)
+                c0 = time.thread_time()
+                while got < n and (feeder.is_alive() or dict(poller.poll(0))):
+                    if not dict(poller.poll(50)):
+                        continue
+                    while True:
+                        try:
+                            pull.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        got += 1
+                        if events and not pull.get(zmq.EVENTS) & zmq.POLLIN:
+                            break
+                used = time.thread_time() - c0
+                feeder.join()
+                if got < 0.9 * n:
+                    raise RuntimeError(f"drain ({kind}): received {got} of {n} messages")
+                samples[kind].append(used / got * 1e6)
+    finally:
+        pull.close(linger=0)
+        ctx.term()
+    return samples
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=1000.0)
@@ -153,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         ratio = statistics.median(a / b for a, b in zip(samples[kind], samples["raw SUB"]))
         print(f"{kind:10s} {statistics.median(samples[kind]):16.1f} {ratio:7.2f}x")
+    drains = drain_cost(args.rate, args.seconds, 2 * args.repeats)
+    print(f"\n# Ending a drain, one message per wake-up ({args.rate:g} messages/s for {args.seconds:g} s over tcp):"
+          f" thread CPU per message, median of {2 * args.repeats}")
+    print(f"{'drain ends on':14s} {'CPU us / message':>17s} {'vs Again':>9s}")
+    for kind, values in drains.items():
+        ratio = statistics.median(a / b for a, b in zip(values, drains["zmq.Again"]))
+        print(f"{kind:14s} {statistics.median(values):17.1f} {ratio:8.2f}x")
     return 0
 
 

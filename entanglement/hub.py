@@ -42,6 +42,7 @@ from typing import TypeVar
 import zmq
 
 from entanglement.config import BusConfig, BusEndpoints, MessageLimits
+from entanglement.drain import drain, waiting
 from entanglement.message import (
     NODE_HEARTBEAT,
     SNAPSHOT_END,
@@ -304,11 +305,9 @@ class BusHub:
             backlog = False  # the collector still held frames when the drain's budget ran out
             if collector in events:
                 heard: dict[str, None] = {}
-                for _ in range(_DRAIN):  # one zmq.Again per wake-up ends the drain
-                    try:
-                        message = collector.recv(zmq.NOBLOCK, copy=not bound)
-                    except zmq.Again:
-                        break
+                read = 0
+                for message in drain(collector, _DRAIN, copy=not bound):
+                    read += 1
                     if not bound:
                         self._collect(message, publisher, heard)
                         continue
@@ -316,16 +315,11 @@ class BusHub:
                     if user is not None:
                         self._collect(message.bytes, publisher, heard,
                                       None if user == SHARED_CLIENT else user)
-                else:  # the budget ran out before zmq.Again
-                    backlog = True
+                backlog = read == _DRAIN and waiting(collector)
                 self._flush(publisher)
                 self._touch(heard, time.monotonic())
             if snapshot in events:
-                for _ in range(_DRAIN):
-                    try:
-                        frames = snapshot.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                for frames in drain(snapshot, _DRAIN, multipart=True):
                     self._answer_snapshot(frames, snapshot)
             now = time.monotonic()
             if now >= next_tick:

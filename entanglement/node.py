@@ -39,6 +39,7 @@ from typing import Any
 import zmq
 
 from entanglement.config import BusConfig, ConfigError
+from entanglement.drain import drain
 from entanglement.message import (
     SNAPSHOT_END,
     SNAPSHOT_REQUEST,
@@ -308,34 +309,24 @@ class BusNode:
                 self._last_hub = now  # the hub is heard, even if this thread was late to read it
             if self._pipe_in in events and self._on_pipe():
                 return
-            # Drain each readable socket until zmq.Again (one exception per wake-up; asking
-            # EVENTS after every message costs more under load)
+            # Read what waits on each readable socket (entanglement.drain: no zmq.Again per wake-up)
             if sub is not None and sub in events:
                 budget = _DRAIN  # updates, not messages: a batch may carry thousands
-                while budget > 0:
-                    try:
-                        frames = sub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                for frames in drain(sub, _DRAIN, multipart=True):
                     budget -= self._on_sub(frames)
+                    if budget <= 0:
+                        break
             dealer = self._dealer
             if dealer is not None and dealer in events:
-                for _ in range(_DRAIN):
-                    try:
-                        frame = dealer.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                for frame in drain(dealer, _DRAIN):
                     self._on_snapshot(frame)
             self._check_timers(now)  # as of the wake-up: time spent in callbacks is not silence
 
     def _on_pipe(self) -> bool:
         """Handle the pipe's commands; True on the stop request (the outbox is sent first)."""
         stop = False
-        for _ in range(_DRAIN):
-            try:
-                stop |= self._pipe_in.recv(zmq.NOBLOCK) == b"S"
-            except zmq.Again:
-                break
+        for command in drain(self._pipe_in, _DRAIN):
+            stop |= command == b"S"
         self._out.flush()
         return stop
 
