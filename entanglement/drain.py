@@ -2,12 +2,14 @@
 
 The hub and the nodes wake in a poll and then read every message that waits on the readable
 socket, up to a budget (so no socket starves the others). Reading until a non-blocking receive
-raises ``zmq.Again`` is the usual way to end such a drain, but raising it costs more than the
-message it ends: in the paced latency benchmark every wake-up brings one message, so that
-exception was a large part of a node's CPU per update (measured in a receiving process at 1,000
-updates/s: about 20 us of the node thread's 120 us per update). Instead, after each message,
-``ZMQ_EVENTS`` says whether another one waits (a few microseconds, no exception). A
-``zmq.Again`` still ends the drain if the poll's readiness went stale.
+raises ``zmq.Again`` is the usual way to end such a drain, but raising it costs more than the message
+it ends when a wake-up brings one message, as every wake-up does in the paced latency
+benchmark (``benchmarks/bus_receive.py``, second table: 72 against 58 us of thread CPU per
+message). Asking ``ZMQ_EVENTS`` after every message costs a few microseconds each instead, which
+under load (thousands of messages per wake-up, one update each for an unbatched stream) cut a
+raw PUB/SUB stream's throughput about threefold in a diagnostic run. So the drain asks once,
+after the first message: if nothing else waits, it ends there (no exception); if more wait, it
+reads on until ``zmq.Again``, one exception for many messages.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ def drain(sock: zmq.Socket, limit: int, multipart: bool = False, copy: bool = Tr
     """The messages waiting on ``sock``, at most ``limit``: frames (``bytes``, or a ``zmq.Frame``
     when not ``copy``), or lists of frames when ``multipart``. The caller may stop early."""
     receive = sock.recv_multipart if multipart else sock.recv
-    for _ in range(limit):
+    for i in range(limit):
         try:
             message = receive(zmq.NOBLOCK, copy=copy)
-        except zmq.Again:  # the poll said readable, but nothing is left (a stale readiness)
+        except zmq.Again:  # nothing is left (or the poll's readiness was stale)
             return
         yield message
-        if not waiting(sock):
+        if i == 0 and not waiting(sock):  # the usual case when the traffic is light
             return
