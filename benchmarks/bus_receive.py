@@ -164,13 +164,13 @@ def drain_cost(rate: float, seconds: float, repeats: int) -> dict[str, list[floa
                 feeder = spawn.Process(target=feeder_process, args=(f"tcp://127.0.0.1:{port}", go, rate, seconds))
                 feeder.start()
                 time.sleep(0.3)  # connected
-                got, events = 0, kind == "drain()"
+                got, use_drain = 0, kind == "drain()"
                 go.put(1)
                 c0 = time.thread_time()
                 while got < n and (feeder.is_alive() or dict(poller.poll(0))):
                     if not dict(poller.poll(50)):
                         continue
-                    if events:
+                    if use_drain:
                         for _ in drain(pull, 1000):
                             got += 1
                         continue

@@ -4,8 +4,8 @@ The hub and the nodes wake in a poll and then read every message that waits on t
 socket, up to a budget (so no socket starves the others). Reading until a non-blocking receive
 raises ``zmq.Again`` is the usual way to end such a drain, but raising it costs more than the message
 it ends when a wake-up brings one message, as every wake-up does in the paced latency
-benchmark (``benchmarks/bus_receive.py``, second table: 72 against 58 us of thread CPU per
-message). Asking ``ZMQ_EVENTS`` after every message costs a few microseconds each instead, which
+benchmark (a few microseconds; ``benchmarks/bus_receive.py``, second table, measures both ways
+of reading). Asking ``ZMQ_EVENTS`` after every message costs a few microseconds each instead, which
 under load (thousands of messages per wake-up, one update each for an unbatched stream) cut a
 raw PUB/SUB stream's throughput about threefold in a diagnostic run. So the drain asks once,
 after the first message: if nothing else waits, it ends there (no exception); if more wait, it
