@@ -23,8 +23,13 @@ updates/s  every agent publishes as fast as it can; the figure is the number of 
 p50/p99    latency from publish (the update's own timestamp) to the receiving agent's code,
            with all agents together publishing a paced --rate updates/s (default 1000).
 
-Each cell is the median over --repeats runs. The machine's load average is printed: on a shared
-or small machine the agents, the hub and everything else compete for the same cores.
+Each cell is the median over --repeats runs; the setups take turns (in alternating order), so a
+drift of the machine's speed hits every row alike.
+steal      the share of all CPU time the hypervisor gave to other guests during the row's latency
+           runs (median; `benchmarks/host.py`): a virtual CPU wanted to run and could not.
+           Latency tails follow it.
+The machine's load average is printed too: on a shared or small machine the agents, the hub
+and everything else compete for the same cores.
 
     python benchmarks/bus.py [--seconds 1.5] [--repeats 3] [--agents 2 4 8 16] [--rate 1000]
 """
@@ -50,6 +55,8 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from entanglement import BusConfig, BusEndpoints, BusHub, BusNode, NodeCredentials  # noqa: E402
+
+from host import StealMeter, cpu_ticks, percent, steal_share  # noqa: E402  (benchmarks/host.py)
 
 HWM = 100_000
 WARMUP_S = 0.3
@@ -325,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "bus, CURVE on": lambda c, s, p: run_bus(c, s, p, "curve"),
     }
     load = os.getloadavg()[0]
+    ticks = cpu_ticks()
     print(f"# entanglement bus: one process per agent, hub in the coordinator, tcp loopback; "
           f"{args.seconds}s windows, median of {args.repeats}; latency at {args.rate:.0f} "
           f"updates/s in total")
@@ -334,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
           "raw fwd: PUSH -> zmq.proxy PULL->PUB forwarder -> SUB, no validation (the fair "
           "baseline for a hub design); vs fwd / vs p2p: updates/s relative to those rows")
     header = (f"{'agents':>6}  {'setup':<19} {'updates/s':>10} {'vs fwd':>7} {'vs p2p':>7} "
-              f"{'p50 ms':>7} {'p99 ms':>7}")
+              f"{'p50 ms':>7} {'p99 ms':>7} {'steal':>6}")
     print(header)
     print("-" * len(header))
     spawn = mp.get_context("spawn")
@@ -346,23 +354,35 @@ def main(argv: list[str] | None = None) -> int:
             p.start()
         conns = [parent for parent, _ in pipes]
         try:
-            rates: dict[str, float] = {}
-            for name, run in setups.items():
-                thr = [run(conns, args.seconds, None).updates_per_s for _ in range(args.repeats)]
-                lat = [run(conns, args.seconds, n / args.rate) for _ in range(args.repeats)]
-                rate = rates[name] = statistics.median(thr)
-                p2p, fwd = rates["raw p2p (no hub)"], rates.get("raw fwd (zmq.proxy)")
-                vs_fwd = f"{rate / fwd:>6.2f}x" if fwd else f"{'-':>7}"
-                p50 = statistics.median(s.p50_ms for s in lat)
-                p99 = statistics.median(s.p99_ms for s in lat)
+            thr: dict[str, list[float]] = {name: [] for name in setups}
+            lat: dict[str, list[Sample]] = {name: [] for name in setups}
+            steal: dict[str, list[float]] = {name: [] for name in setups}
+            order = list(setups)
+            for r in range(args.repeats):  # in turns, alternating: drift hits every row alike
+                for name in order if r % 2 == 0 else order[::-1]:
+                    run = setups[name]
+                    thr[name].append(run(conns, args.seconds, None).updates_per_s)
+                    with StealMeter() as meter:
+                        lat[name].append(run(conns, args.seconds, n / args.rate))
+                    if meter.share is not None:
+                        steal[name].append(meter.share)
+            rates = {name: statistics.median(v) for name, v in thr.items()}
+            p2p, fwd = rates["raw p2p (no hub)"], rates["raw fwd (zmq.proxy)"]
+            for name in order:
+                rate = rates[name]
+                vs_fwd = f"{rate / fwd:>6.2f}x" if name != "raw p2p (no hub)" else f"{'-':>7}"
+                p50 = statistics.median(s.p50_ms for s in lat[name])
+                p99 = statistics.median(s.p99_ms for s in lat[name])
+                st = percent(statistics.median(steal[name]) if steal[name] else None)
                 print(f"{n:>6}  {name:<19} {rate:>10,.0f} {vs_fwd} {rate / p2p:>6.2f}x "
-                      f"{p50:>7.3f} {p99:>7.3f}", flush=True)
+                      f"{p50:>7.3f} {p99:>7.3f} {st:>6}", flush=True)
         finally:
             for c in conns:
                 c.send(("quit", None))
             for p in procs:
                 p.join(10)
-    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end; the whole run: CPU steal "
+          f"{percent(steal_share(ticks, cpu_ticks()))}")
     return 0
 
 

@@ -49,6 +49,7 @@ from bus import state_payload  # noqa: E402  (the same update as benchmarks/bus.
 from entanglement import BusConfig, BusHub, BusNode  # noqa: E402
 from entanglement.drain import drain  # noqa: E402
 from entanglement.message import encode_update  # noqa: E402
+from host import StealMeter, percent  # noqa: E402  (benchmarks/host.py)
 
 
 def hub_process(config_out, stop_in) -> None:
@@ -205,14 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["raw SUB", "BusNode"]
     samples: dict[str, list[float]] = {k: [] for k in kinds}
     try:
-        for i in range(args.repeats):
-            for kind in kinds if i % 2 == 0 else kinds[::-1]:
-                samples[kind].append(measure(kind, config, args.rate, args.seconds))
+        with StealMeter() as steal:
+            for i in range(args.repeats):
+                for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                    samples[kind].append(measure(kind, config, args.rate, args.seconds))
     finally:
         stop_q.put(1)
         hub.join(10)
     print(f"# CPU of the receiving process per update, {args.rate:g} updates/s for {args.seconds:g} s, "
-          f"median of {args.repeats}; security none; pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
+          f"median of {args.repeats}; security none; pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}; "
+          f"CPU steal {percent(steal.share)}")
     print(f"{'receiver':10s} {'CPU us / update':>16s} {'vs raw':>8s}")
     for kind in kinds:
         ratio = statistics.median(a / b for a, b in zip(samples[kind], samples["raw SUB"]))
@@ -222,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
           f" {FLAT_OUT:,} messages sent as fast as the feeder can")
     print(f"{'feed':8s} {'read with':10s} {'CPU us / message':>17s} {'vs Again':>9s}")
     for feed, rate, seconds in (("paced", args.rate, args.seconds), ("flat out", FLAT_OUT, 1.0)):
-        drains = drain_cost(rate, seconds, 2 * args.repeats)
+        with StealMeter() as steal:
+            drains = drain_cost(rate, seconds, 2 * args.repeats)
         for kind, values in drains.items():
             ratio = statistics.median(a / b for a, b in zip(values, drains["zmq.Again"]))
             print(f"{feed:8s} {kind:10s} {statistics.median(values):17.2f} {ratio:8.2f}x")
+        print(f"# {feed}: CPU steal {percent(steal.share)}")
     return 0
 
 

@@ -52,6 +52,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,9 @@ from core_model.config import (
 from core_model.inference import ResoLLMInference
 from core_model.model import ResoLLMModel
 from core_model.tokenizer import create_default_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import StealMeter, percent  # noqa: E402  (benchmarks/host.py)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 PROMPT = "Explain how mathematics and logic help us reason about the world."
@@ -366,9 +370,10 @@ def main() -> None:
         args.anatomy_steps = 10
     torch.set_num_threads(args.threads)
 
-    rows = speed(args)
+    with StealMeter() as steal:
+        rows = speed(args)
     print(f"\nDecode speed, small preset (4 x 256), {args.tokens} new tokens, median of {args.repeats}, "
-          f"{args.threads} thread(s)")
+          f"{args.threads} thread(s); CPU steal while timing: {percent(steal.share)}")
     print(f"{'configuration':40s} {'wall tok/s':>10s} {'vs off':>8s} {'95% interval':>17s} {'CPU tok/s':>10s} "
           f"{'vs off':>8s} {'per model-s':>12s}")
     for name, wall, rel_wall, (lo, hi), cpu, rel_cpu, per_model in rows:
@@ -379,10 +384,12 @@ def main() -> None:
     print(f"The A/A control runs the all-off configuration again: its {control[2]:+.1%} wall "
           f"({control[6]:+.1%} per model-s) is this run's noise floor for the 'vs off' columns.")
 
-    anatomy = twin_anatomy(args)
+    with StealMeter() as steal:
+        anatomy = twin_anatomy(args)
     gap = anatomy.pop("gap")
     one = anatomy["decode step, batch 1"]
-    print(f"\nThe twin's work in decode steps, small preset, 64-token prompt, median of {args.anatomy_steps} in turns")
+    print(f"\nThe twin's work in decode steps, small preset, 64-token prompt, median of {args.anatomy_steps} in "
+          f"turns; CPU steal while timing: {percent(steal.share)}")
     print(f"{'operation':40s} {'ms':>8s} {'decode steps':>13s}")
     overlap = anatomy.pop("overlap")
     for name, ms in [*anatomy.items(), *overlap.items()]:
