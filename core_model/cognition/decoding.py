@@ -357,7 +357,7 @@ class CognitiveDecoder:
                 if goals:
                     self._update_goals(goals, hidden_rows, ref, trace)
                 moments.append(_FociMoment.now(probe, T0 + hidden_rows.fed, n))  # the tokens read
-                self._update_foci(moments, cache, context, surprisal, hidden_rows, run_goals)
+                self._update_foci(moments, cache, context, surprisal, hidden_rows, run_goals, ref)
             if twin is not None:
                 # the worker must finish before the model is free again; a window read after the
                 # last step updates the final exponent (not the per-step trace)
@@ -402,14 +402,15 @@ class CognitiveDecoder:
         return [g for g in goals if g.status == "active"]
 
     def _update_foci(self, moments: list["_FociMoment"], cache, context: list[int], surprisal: _Surprisal,
-                     hidden_rows: _HiddenTrail, goals) -> None:
-        """The foci of each recorded moment, in order (``held_since`` carries from one to the next)."""
+                     hidden_rows: _HiddenTrail, goals, ref) -> None:
+        """The foci of each recorded moment, in order (``held_since`` carries from one to the next);
+        ``ref`` is the reference hidden state the goals are measured against (None without goals)."""
         cfg = self.session.config.agency
         L_max = max(m.length for m in moments)
         pieces = self.tok.decode_pieces(context[:L_max])
         all_hidden = hidden_rows.rows(L_max)
         if goals:
-            all_hidden = all_hidden - reference_hidden(self.model)
+            all_hidden = all_hidden - ref
         all_surprisal = surprisal.values(L_max)
         store = self.session.concepts
         concepts_in = store.occurring_in if len(store) else (lambda ids: [])
