@@ -256,8 +256,9 @@ class _Parcel(msgspec.Struct, frozen=True, array_like=True, tag=WIRE_VERSION):
 
 
 # ValidationError is a DecodeError; a str that is not UTF-8 raises UnicodeDecodeError (msgspec < 0.23)
-# or a DecodeError (0.23 on)
-_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError)
+# or a DecodeError (0.23 on); arrays nested about a thousand deep (a 1 KB frame) exhaust msgspec's
+# recursion limit even where the schema leaves them undecoded (msgspec.Raw) and raise RecursionError
+_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 _ENCODER = msgspec.msgpack.Encoder()
 _BODY = msgspec.msgpack.Decoder(StateUpdate)
 _BATCH = msgspec.msgpack.Decoder(_Batch)

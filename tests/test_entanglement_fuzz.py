@@ -363,6 +363,54 @@ def test_malformed_body_inside_a_batch_is_counted_and_its_hole_resyncs() -> None
         assert node.alive and node.error is None
 
 
+DEEP = b"\x91" * 5000 + b"\xc0"  # [[[...[nil]...]]], 5,000 arrays deep: a 5 KB frame
+NESTED = {  # each shape with the deep array where a decoder meets it
+    "parcel": b"\x92" + packb(WIRE_VERSION) + b"\x92" + DEEP + b"\xc0",  # a body left as msgspec.Raw
+    "batch": b"\x94" + packb(WIRE_VERSION) + b"\x01\x05\x91" + DEEP,  # a body of a hub batch
+    "body": b"\x97" + packb(WIRE_VERSION) + packb("agent/a0/x") + packb("a0") + DEEP + b"\x00\x00\x00",
+}
+
+
+def test_deeply_nested_frames_are_malformed_and_kill_no_receiver() -> None:
+    """Arrays nested thousands deep exhaust msgspec's recursion limit, even where the schema
+    leaves a body undecoded: every decoder turns that into MalformedMessage, and the hub and
+    a node count such frames and carry on (a RecursionError once killed the hub's thread)."""
+    for frame in NESTED.values():
+        for decode in (unpack, unpack_parcel, unpack_batch):
+            with pytest.raises(MalformedMessage):
+                decode(frame)
+    hub = BusHub(BusConfig(endpoints=BusEndpoints.tcp(), **CONFIG)).start()
+    watcher = BusNode("watcher", hub.config)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(hub.config.endpoints.collect)
+    try:
+        assert watcher.wait_active(5)
+        before = hub.counters.malformed
+        for frame in NESTED.values():
+            push.send(frame)
+        assert wait_until(lambda: hub.counters.malformed == before + len(NESTED))
+        push.send(encode(StateUpdate("agent/a0/x", "a0", StatePayload(step=1))))
+        assert wait_until(lambda: "agent/a0/x" in watcher.state())
+        assert hub.alive and hub.error is None
+    finally:
+        push.close()
+        ctx.term()
+        watcher.close()
+        hub.stop()
+    with scripted_hub() as (pub, router, node):
+        assert router.poll(5000)
+        identity, _request = router.recv_multipart()
+        while node.counters.received == 0:  # the subscription is live
+            pub.send(NESTED["batch"])
+            time.sleep(0.01)
+        router.send_multipart([identity, NESTED["body"]])  # as a snapshot reply
+        assert wait_until(lambda: node.counters.malformed == node.counters.received
+                          and node.counters.received >= 2)
+        assert node.alive and node.error is None
+
+
 def test_hub_splits_batches_at_the_message_limits() -> None:
     """A burst bigger than one batch may hold goes out as several, each within the limits the
     nodes apply, with contiguous positional sequence numbers; a node still converges."""
