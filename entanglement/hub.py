@@ -200,13 +200,17 @@ class BusHub:
         """Create a key pair for a new client and admit it from now on."""
         if self.keys is None:
             raise SecurityError("security is 'none': there are no client keys")
+        if name == SHARED_CLIENT:  # its pair may speak for every agent: never hand it out as a client's
+            raise SecurityError(f"{SHARED_CLIENT!r} names the run's shared credential; choose another client name")
         creds = self.keys.add_client(name)
         if self._zap is not None:
             self._zap.allow(creds.client.public, name)
         return creds
 
     def agents(self) -> set[str]:
-        """Agents heard from within the last `ttl` seconds."""
+        """The agents the hub holds alive: each was heard within the last `ttl` seconds when the
+        latest expiry check ran (one per heartbeat tick). A silent agent leaves this set at the
+        check that expires its keys, so the two always agree."""
         with self._seen_lock:
             return set(self._seen)
 

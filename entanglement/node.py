@@ -41,6 +41,7 @@ import zmq
 from entanglement.config import BusConfig, ConfigError
 from entanglement.drain import drain
 from entanglement.message import (
+    BATCH_OVERHEAD,
     SNAPSHOT_END,
     SNAPSHOT_REQUEST,
     MalformedMessage,
@@ -117,6 +118,10 @@ class BusNode:
         self._own_context = context is None
         self.context = context or zmq.Context()
         self._counters = NodeCounters()
+        # A snapshot item is a body as its agent sent it (at most max_frame_bytes), re-encoded
+        # with the hub's seq and epoch stamped in (up to 16 bytes more): allow for the stamp.
+        self._snapshot_limits = replace(config.limits,
+                                        max_frame_bytes=config.limits.max_frame_bytes + BATCH_OVERHEAD)
         self._state = NodeState.CONNECTING
         self._replica = Replica(f"node {agent_id!r}", [on_update] if on_update else [])
         self.error: BaseException | None = None
@@ -133,16 +138,30 @@ class BusNode:
         self._poller = zmq.Poller()
         # Caller -> node thread pipe (used by `Outbound`): b"F" flush the outbox, b"S" stop.
         addr = f"inproc://node-pipe-{uuid.uuid4().hex}"
-        self._pipe_in = self.context.socket(zmq.PAIR)
-        self._pipe_in.linger = 0
-        self._pipe_in.bind(addr)
-        pipe_out = self.context.socket(zmq.PAIR)
-        pipe_out.linger = 0
-        pipe_out.connect(addr)
-        push = self._socket(zmq.PUSH)  # to the hub's collector
-        push.connect(config.endpoints.collect)
+        made: list[zmq.Socket] = []
+        try:
+            self._pipe_in = self.context.socket(zmq.PAIR)
+            made.append(self._pipe_in)
+            self._pipe_in.linger = 0
+            self._pipe_in.bind(addr)
+            pipe_out = self.context.socket(zmq.PAIR)
+            made.append(pipe_out)
+            pipe_out.linger = 0
+            pipe_out.connect(addr)
+            push = self.context.socket(zmq.PUSH)  # to the hub's collector
+            made.append(push)
+            self._configure(push)
+            push.connect(config.endpoints.collect)
+        except zmq.ZMQError as exc:  # bad keys or endpoint: release what was made, say which
+            for sock in made:
+                sock.close(linger=0)
+            if self._own_context:
+                self.context.term()
+            raise ConfigError(f"node {agent_id!r}: cannot set up its socket to the hub's collector "
+                              f"{config.endpoints.collect!r}: {exc}") from exc
         self._out = Outbound(agent_id, config, push, pipe_out, self._counters)
         self._closed = False
+        self._close_in_thread = False  # close() was called from the node thread (a callback)
         self._thread = threading.Thread(target=self._run, name=f"bus-node-{agent_id}", daemon=True)
         self._thread.start()
         self._beats_stop = threading.Event()
@@ -236,11 +255,18 @@ class BusNode:
         return self.wait_for(lambda n: n.node_state is NodeState.ACTIVE, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the thread and close every socket (and the context, if the node made it)."""
+        """Stop the thread and close every socket (and the context, if the node made it).
+
+        Called from an `on_update` callback (the node thread itself), it asks the thread to
+        stop and returns at once; the thread closes everything when the callback returns."""
         if self._closed:
             return
         self._closed = True
         self._beats_stop.set()
+        if threading.current_thread() is self._thread:
+            self._close_in_thread = True
+            self._out.stop()
+            return
         self._beats.join(timeout)
         if self._thread.is_alive():
             self._out.stop()
@@ -260,7 +286,10 @@ class BusNode:
     # -- node thread ------------------------------------------------------------------------
 
     def _socket(self, kind: int) -> zmq.Socket:
-        sock = self.context.socket(kind)
+        return self._configure(self.context.socket(kind))
+
+    def _configure(self, sock: zmq.Socket) -> zmq.Socket:
+        """Linger, HWMs, the message size cap and the CURVE client keys of a data socket."""
         sock.linger = 0
         sock.sndhwm = self.config.hwm
         sock.rcvhwm = self.config.hwm
@@ -287,6 +316,10 @@ class BusNode:
                 if sock is not None:
                     sock.close(linger=0)
             self._set_state(NodeState.CLOSED)
+            if self._close_in_thread:  # close() came from a callback: finish it here
+                self._out.close()
+                if self._own_context:
+                    self.context.term()
 
     def _beat(self) -> None:
         """The heartbeat thread: "$heartbeat" to the hub every heartbeat_interval while the node
@@ -444,7 +477,7 @@ class BusNode:
         self._counters.received += 1
         self._last_hub = time.monotonic()
         try:
-            msg = unpack(frame, self.config.limits)
+            msg = unpack(frame, self._snapshot_limits)
         except MalformedMessage as exc:
             self._counters.malformed += 1
             log.debug("node %r: dropped malformed snapshot frame: %s", self.agent_id, exc)

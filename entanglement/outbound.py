@@ -9,8 +9,9 @@ An update leaves at once from the caller's thread, unless the node sent somethin
 `BusConfig.coalesce` ago: then it joins the outbox, and the node thread, woken through the
 node's pipe (b"F") when the outbox stops being empty, sends everything in it as one parcel (see
 `entanglement.message`). A full outbox leaves from the caller's thread, and so does one the node
-thread has left waiting longer than `coalesce` (it is busy, e.g. in a slow `on_update` callback):
-a busy node thread never holds its agent's updates back. Waking the node thread never blocks
+thread has left waiting longer than `coalesce` (it is busy, e.g. in a slow `on_update` callback),
+with the next publish or, when none comes, the next heartbeat (the heartbeat thread's): a busy
+node thread holds its agent's updates back by at most `heartbeat_interval`. Waking the node thread never blocks
 (a full pipe already holds a wake-up; an ended thread has nothing to wake), so no caller can
 hang holding the lock. Order is kept either way:
 anything sent directly after the outbox filled up sends the outbox first.
@@ -71,10 +72,13 @@ class Outbound:
             return self._queue(body)
 
     def heartbeat(self) -> bool:
-        """Send a "$heartbeat"; False once closed."""
+        """Send a "$heartbeat" (after the outbox, if the node thread has left it waiting longer
+        than `coalesce`: it is busy, and no publish came to send it); False once closed."""
         with self.lock:
             if self.closed:
                 return False
+            if self._outbox and time.monotonic() - self._outbox_since >= self.config.coalesce:
+                self._flush()
             self._send(encode(make_update(self.agent_id, NODE_HEARTBEAT, None)), updates=0)
             return True
 
@@ -91,15 +95,15 @@ class Outbound:
         with self.lock:
             self._flush()  # older than the re-sent keys: it goes first
             bodies = [self._own[k] for k in keys if k in self._own]
-            for body in bodies:
-                self._send(body, updates=1)
-            return len(bodies)
+            return sum(self._send(body, updates=1) for body in bodies)
 
     def resend_missing(self, present: Callable[[str], bool]) -> int:
-        """`resend` of every own key for which `present(key)` is false (after a snapshot)."""
+        """`resend` of every own key for which `present(key)` is false (after a snapshot).
+        `present` runs outside the lock: it takes the replica's, and a reader waiting on the
+        replica may call `publish` (which takes this one) while it holds the replica's lock."""
         with self.lock:
-            missing = [k for k in self._own if not present(k)]
-        return self.resend(missing)
+            own = list(self._own)
+        return self.resend([k for k in own if not present(k)])
 
     def stop(self) -> None:
         """Ask the node thread to stop (it sends the outbox first)."""
@@ -165,11 +169,12 @@ class Outbound:
         return self._send(bodies[0] if len(bodies) == 1 else pack_parcel(bodies), updates=len(bodies))
 
     def _send(self, frame: bytes, updates: int) -> bool:
-        """Queue `frame`, holding `updates` updates (0: a heartbeat), for the hub."""
+        """Queue `frame`, holding `updates` updates (0: a heartbeat, which no counter counts),
+        for the hub."""
         try:
             self._push.send(frame, zmq.NOBLOCK)
         except (zmq.Again, zmq.ContextTerminated):  # hub overloaded or gone; its context ended
-            self._counters.send_failed += max(updates, 1)
+            self._counters.send_failed += updates
             return False
         self._counters.sent += updates
         return True

@@ -1,0 +1,149 @@
+"""Edges of the bus found in review, over real sockets: limits at the snapshot, a busy node
+thread's last update, close() from a callback, what the counters count, a failed constructor,
+and the shared credential's name."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import zmq
+
+from entanglement import BusConfig, BusEndpoints, BusHub, BusNode, ConfigError, MessageLimits, NodeState
+from entanglement.message import encode_update
+from entanglement.security import SHARED_CLIENT, SecurityError
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = dict(heartbeat_interval=0.05, hub_timeout=0.4, ttl=1.0, snapshot_timeout=0.5)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_an_update_at_the_frame_limit_reaches_a_late_joiner() -> None:
+    """The hub re-encodes a snapshot item with its seq and epoch: up to 16 bytes more than the
+    body its agent sent, which may sit exactly at max_frame_bytes."""
+    limit = 1000
+    config = BusConfig(security="none", limits=MessageLimits(max_frame_bytes=limit), **FAST)
+    n = 1
+    while len(encode_update("a", "agent/a/big", {"label": "x" * (n + 1)})) <= limit:
+        n += 1
+    payload = {"label": "x" * n}
+    assert len(encode_update("a", "agent/a/big", payload)) == limit
+    with BusHub(config) as hub:
+        a = BusNode("a", hub.config)
+        late = None
+        try:
+            assert a.wait_active(5)
+            a.publish("big", payload)
+            assert a.wait_for(lambda node: "big" in node.latest("a"), 5)
+            for _ in range(50):  # a high seq and epoch make the stamped body as long as it gets
+                a.publish("small", {"step": 1})
+            assert a.wait_for(lambda node: node.seq == hub.seq and node.seq > 50, 5)
+            late = BusNode("late", hub.config)
+            assert late.wait_active(5)
+            assert late.latest("a")["big"].payload["label"] == payload["label"]
+            assert late.counters.malformed == 0
+        finally:
+            a.close()
+            if late is not None:
+                late.close()
+
+
+def test_a_busy_node_thread_holds_its_last_coalesced_update_one_heartbeat_at_most() -> None:
+    """Two updates back to back, the second coalesced, while the node thread sits in a slow
+    callback and no further publish comes: the heartbeat thread sends the waiting one."""
+    config = BusConfig(security="none", coalesce=0.01, **FAST)
+    release, entered = threading.Event(), threading.Event()
+
+    def slow(update) -> None:
+        if update.key == "agent/w/block":
+            entered.set()
+            release.wait(10)
+
+    with BusHub(config) as hub:
+        a = BusNode("a", hub.config, on_update=slow)
+        w = BusNode("w", hub.config)
+        try:
+            assert a.wait_active(5) and w.wait_active(5)
+            w.publish("block", {"step": 1})
+            assert wait_until(entered.is_set)
+            a.publish("phase", {"step": 1})
+            a.publish("sedenion", {"step": 2})  # within coalesce: it joins the outbox
+            started = time.monotonic()
+            assert w.wait_for(lambda node: "sedenion" in node.latest("a"), 3)
+            assert time.monotonic() - started < 1.0  # a heartbeat (0.05 s) sent it, not the callback's end
+        finally:
+            release.set()
+            a.close()
+            w.close()
+
+
+def test_close_from_an_update_callback_releases_every_socket() -> None:
+    config = BusConfig(security="none", **FAST)
+    with BusHub(config) as hub:
+        holder: list[BusNode] = []
+        closed = threading.Event()
+
+        def close_me(update) -> None:
+            if update.key == "agent/w/stop" and holder:
+                holder[0].close()  # from the node thread
+                closed.set()
+
+        a = BusNode("a", hub.config, on_update=close_me)
+        holder.append(a)
+        w = BusNode("w", hub.config)
+        try:
+            assert a.wait_active(5) and w.wait_active(5)
+            w.publish("stop", {"step": 1})
+            assert wait_until(closed.is_set)
+            assert wait_until(lambda: a.node_state is NodeState.CLOSED and a.context.closed)
+            assert a._out.closed and not a._thread.is_alive()
+            a.close()  # again, from outside: a no-op
+        finally:
+            w.close()
+
+
+def test_heartbeats_are_not_counted_as_failed_updates() -> None:
+    """With no hub and a tiny HWM the PUSH queue fills with heartbeats; send_failed counts the
+    caller's updates only."""
+    config = BusConfig(endpoints=BusEndpoints.tcp(), security="none", hwm=2, **FAST)
+    node = BusNode("a", config)
+    try:
+        time.sleep(0.5)  # about ten heartbeats against a queue of two
+        assert node.counters.send_failed == 0
+        results = [node.publish("x", {"step": i}) for i in range(5)]
+        assert node.counters.send_failed == results.count(False)
+    finally:
+        node.close()
+
+
+def test_a_constructor_that_fails_releases_its_context(monkeypatch) -> None:
+    made: list[zmq.Context] = []
+
+    class Recording(zmq.Context):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr("entanglement.node.zmq.Context", Recording)
+    endpoints = BusEndpoints("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", "bogus://nowhere")
+    with pytest.raises(ConfigError, match="bogus://nowhere"):
+        BusNode("a", BusConfig(endpoints=endpoints, security="none"))
+    assert len(made) == 1 and made[0].closed
+
+
+def test_the_shared_credential_name_is_not_a_client_name() -> None:
+    with BusHub(BusConfig(endpoints=BusEndpoints.tcp())) as hub:
+        with pytest.raises(SecurityError, match=SHARED_CLIENT):
+            hub.add_client(SHARED_CLIENT)
+        assert hub.add_client("a0").client.public != hub.credentials().client.public
