@@ -19,18 +19,19 @@ from .cache import ModelCache
 
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Every module in eval mode inside, then ``model.train(model.training as it was)``, as
-    ``model.eval()`` ... ``model.train(was_training)`` does; when no module is training, both
-    calls are skipped (each walks every module: about 0.1-0.4 ms on this CPU)."""
-    was_training = model.training
-    switch = any(m.training for m in model.modules())
-    if switch:
-        model.eval()
+    """Every module in eval mode inside, then each module's mode as it was (a model in train
+    mode with one block frozen in eval mode keeps it so); when no module is training, nothing
+    is switched (each walk over the modules costs about 0.1-0.4 ms on this CPU)."""
+    if not any(m.training for m in model.modules()):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         yield
     finally:
-        if switch:
-            model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from .cognition.decoding import CognitiveDecoder, generation_lock
 from .cognition.interactive import run_interactive
+from .cognition.stability import UNMONITORED
 from .config import ResoLLMConfig
 from .generation import SamplingParams
 
@@ -30,14 +31,15 @@ class GenerationResult:
 
     text: str  # the generated continuation (prompt excluded)
     tokens_generated: int
-    stability: str  # "stable" | "periodic" | "chaotic" | "divergent"
-    lyapunov: float  # finite-time Lyapunov exponent at the end (per token)
-    entropy_trace: list[float]  # entropy of the sampling distribution per step (nats)
+    stability: str  # "stable" | "periodic" | "chaotic" | "divergent"; "unmonitored" with stability off
+    lyapunov: float  # finite-time Lyapunov exponent at the end (per token; 0.0 when unmonitored)
+    entropy_trace: list[float]  # entropy of the sampling distribution per step (nats; greedy: of softmax(logits))
     lyapunov_trace: list[float]  # running finite-time exponent per step
     temperature_trace: list[float]  # temperature used at each step
-    coherence_trace: list[float]  # Kuramoto order parameter at each new position (empty without phases)
+    coherence_trace: list[float]  # Kuramoto order parameter at the position each token was sampled from
+    # (the prompt's last position for the first token; empty without phases)
     goals_achieved: list[str]  # descriptions of goals achieved during this generation
-    attention_summary: list[dict[str, Any]]  # the attention foci at the end, most salient first
+    attention_summary: list[dict[str, Any]]  # the attention foci at the end, most salient first (agency off: [])
     warnings: list[str]  # each names its step
     generation_time_ms: float
     prompt: str = ""
@@ -71,7 +73,7 @@ class ResoLLMInference:
                  seed: int | None = None) -> None:
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model {model.config.vocab_size}")
-        if config is not None and config is not model.config:
+        if config is not None and config is not model.session.config:  # the model's own config applies too
             if config.network_signature() != model.config.network_signature():
                 raise ValueError("config describes a different network than the model's "
                                  f"({config.network_signature()} vs {model.config.network_signature()})")
@@ -129,17 +131,20 @@ class ResoLLMInference:
             session.turn += 1
             session.memory.tick()
             out_ids = [t for t in trace.tokens if not (t in stops)]
+            # components switched off measured nothing this time: report that, not the session's
+            # state from an earlier generation (the session keeps it)
+            monitored, steered = session.config.stability.enabled, session.config.agency.enabled
             return GenerationResult(
                 text=self.tokenizer.decode(out_ids),
                 tokens_generated=len(trace.tokens),
-                stability=session.stability.label,
-                lyapunov=float(session.stability.lyapunov),
+                stability=session.stability.label if monitored else UNMONITORED,
+                lyapunov=float(session.stability.lyapunov) if monitored else 0.0,
                 entropy_trace=trace.entropy,
                 lyapunov_trace=trace.lyapunov,
                 temperature_trace=trace.temperature,
                 coherence_trace=trace.coherence,
                 goals_achieved=trace.goals_achieved,
-                attention_summary=[f.to_dict() for f in session.agency.foci],
+                attention_summary=[f.to_dict() for f in session.agency.foci] if steered else [],
                 warnings=trace.warnings,
                 generation_time_ms=trace.elapsed_ms,
                 prompt=prompt,

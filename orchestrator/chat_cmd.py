@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .generate_cmd import load_model_and_tokenizer
+from .generate_cmd import load_model_and_tokenizer, top_p_option
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Tokens per answer."),
         temperature: float = typer.Option(0.8, min=0.0, help="Starting temperature; 0 means greedy."),
         top_k: Optional[int] = typer.Option(None, min=1),
-        top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
+        top_p: Optional[float] = top_p_option(),
         seed: int = typer.Option(0, help="Seed of the weights (preset) and of sampling."),
         metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Print a metrics line after each answer."),
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),

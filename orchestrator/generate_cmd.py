@@ -35,6 +35,18 @@ def load_model_and_tokenizer(checkpoint: Optional[Path], preset: str, seed: int,
     return model, tokenizer
 
 
+def _check_top_p(value: Optional[float]) -> Optional[float]:
+    if value is not None and not 0 < value <= 1:
+        raise typer.BadParameter(f"{value:g} is not in the range 0 < top-p <= 1.")
+    return value
+
+
+def top_p_option() -> Optional[float]:
+    """The ``--top-p`` option of the commands that sample: a usage error outside (0, 1]."""
+    return typer.Option(None, callback=_check_top_p,
+                        help="Nucleus sampling: the smallest set of tokens whose probability reaches p (0 < p <= 1).")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
@@ -44,7 +56,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
         temperature: float = typer.Option(0.8, min=0.0, help="0 means greedy."),
         top_k: Optional[int] = typer.Option(None, min=1),
-        top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
+        top_p: Optional[float] = top_p_option(),
         repetition_penalty: float = typer.Option(1.0, min=0.0),
         seed: int = typer.Option(0),
         chat: bool = typer.Option(False, help="Wrap the prompt in the chat template."),

@@ -166,6 +166,22 @@ def test_growing_divergence_is_chaotic_and_predicted_first():
     assert any(w.startswith(f"step {first_chaotic}: generation became chaotic") for w in mon.warnings)
 
 
+def test_two_windows_at_the_default_spacing_can_predict():
+    """At the defaults (a twin window every 64 steps) the second window's exponent already makes
+    a trend: rising to just under the threshold, it predicts instability within the horizon."""
+    cfg = StabilityConfig()
+    mon = PredictiveStability(cfg, vocab_size=263)
+    mon.start()
+    first, second = LAG + cfg.lyapunov_window, cfg.lyapunov_every + LAG + cfg.lyapunov_window
+    thr = cfg.lyapunov_threshold
+    mon.observe_exponent(thr - 0.2, first)
+    assert not mon.observe(first, 3.0, list(range(first + 1))).predicted_unstable  # one exponent: no trend
+    mon.observe_exponent(thr - 0.001, second)  # rising by 0.2 over 64 steps: over the threshold within 5
+    state = mon.observe(second, 3.0, list(range(second + 1)))
+    assert state.label == "stable" and state.predicted_unstable
+    assert any(w.startswith(f"step {second}: instability predicted") for w in mon.warnings)
+
+
 def test_divergent_and_score():
     cfg = StabilityConfig(lyapunov_every=1)
     mon = PredictiveStability(cfg, vocab_size=263)

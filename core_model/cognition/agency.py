@@ -46,10 +46,13 @@ ACTIVE, ACHIEVED, ABANDONED = "active", "achieved", "abandoned"
 GOAL_TYPES = ("exploratory", "informative", "creative", "task")
 
 
+_LETTER = r"[^\W\d_]"  # a letter of any script: "décision", "Größe" and "日本語" are words too
+
+
 def content_words(text: str) -> list[str]:
-    """Lower-cased words of at least 4 letters that are not stopwords, in order, unique."""
+    """Lower-cased words of at least 4 letters (of any script) that are not stopwords, in order, unique."""
     out: list[str] = []
-    for w in re.findall(r"[A-Za-z][A-Za-z'-]{3,}", text.lower()):
+    for w in re.findall(rf"{_LETTER}(?:{_LETTER}|['-]){{3,}}", text.lower()):
         w = w.strip("'-")
         if len(w) >= 4 and w not in STOPWORDS and w not in out:
             out.append(w)
@@ -60,7 +63,7 @@ def content_words(text: str) -> list[str]:
 def _word_pattern(word: str) -> re.Pattern[str]:
     """``word`` as a whole word of lower-cased text, plural endings allowed ("goal" matches
     "goals", not "goalkeeper"; "rain" does not match "training")."""
-    return re.compile(rf"(?<![a-z]){re.escape(word)}(?:s|es)?(?![a-z])")
+    return re.compile(rf"(?<!{_LETTER}){re.escape(word)}(?:s|es)?(?!{_LETTER})")
 
 
 def words_present(words: list[str], low: str) -> list[bool]:

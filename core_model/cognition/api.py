@@ -164,8 +164,10 @@ class CognitionMixin:
         return self.session.to_dict()
 
     def load_cognition_state(self, data: dict[str, Any]) -> None:
+        """Restore the state ``cognition_state()`` returned (goals, memory, concepts, trackers,
+        history); the settings (which components are on, their limits) stay the current ones."""
         tok = self.session.tokenizer
-        self.session = CognitiveSession.from_dict(data, self.config)
+        self.session = CognitiveSession.from_dict(data, self.session.config)  # the engine's settings stay
         self.session.tokenizer = tok
 
     # --- agency -------------------------------------------------------------------------
@@ -236,7 +238,8 @@ class CognitionMixin:
 
     # --- stability ------------------------------------------------------------------------
     def get_stability(self) -> float:
-        """Stability of the latest generation in [0, 1] (1 before any generation)."""
+        """Stability of the latest generation in [0, 1] (``stability_score``): about 0.98 before any
+        generation, whose exponent of 0 lies well below the threshold."""
         return self.session.stability_score()
 
     def get_suggested_temperature(self, current_temp: float) -> float:

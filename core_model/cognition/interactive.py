@@ -8,8 +8,10 @@ ends first, those not achieved are abandoned; a goal that cannot be created, e.g
 printed after each response; anything else is a user message, answered with the whole
 conversation in the chat template as context. Each user message is also stored in the
 episodic memory (importance 0.5) when memory is enabled. A response that fails (a cognition
-error, a value or runtime error from the model) is reported and the session carries on without
-that message in the history (the generation leaves the session as it found it).
+error, a value or runtime error from the model) is reported and the session carries on as it
+was before the message: not in the history, not in the memory (the generation leaves the rest
+of the session as it found it), and goals set for it wait for the next response. Any other
+exception is raised after the same rollback.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, TextIO
 from ..tokenizer import ChatTurn
 from .agency import Goal
 from .errors import CognitionError
+from .memory import TemporalSedenionMemory
 
 if TYPE_CHECKING:
     from ..inference import ResoLLMInference
@@ -94,19 +97,24 @@ def _loop(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO, out: Text
                 continue
             say(f"goal set for the next response: {desc}")
             continue
-        if session.config.temporal_smf.enabled:
-            engine.model.update_memory(msg, USER_IMPORTANCE)
-        session.history.append({"role": "user", "text": msg})
-        turns = [ChatTurn(t["role"], t["text"]) for t in session.history]
-        ids = tok.encode_chat(turns, add_generation_prompt=True)
+        memory_before = session.memory.to_dict()  # the message goes in first: it conditions the response
         try:
+            if session.config.temporal_smf.enabled:
+                engine.model.update_memory(msg, USER_IMPORTANCE)
+            session.history.append({"role": "user", "text": msg})
+            turns = [ChatTurn(t["role"], t["text"]) for t in session.history]
+            ids = tok.encode_chat(turns, add_generation_prompt=True)
             result = engine.generate_ids(ids, max_length, chat=True, prompt=msg)
-        except (CognitionError, ValueError, RuntimeError) as exc:  # said, not fatal: the session is as it was
-            session.history.pop()
-            say(f"error: the response failed ({type(exc).__name__}: {exc}); the message was not added")
+        except BaseException as exc:  # the session goes back to how it was before the message
+            if session.history and session.history[-1] == {"role": "user", "text": msg}:
+                session.history.pop()
+            session.memory = TemporalSedenionMemory.from_dict(memory_before)
+            if not isinstance(exc, (CognitionError, ValueError, RuntimeError)):
+                raise  # not a failed response but a bug or an interrupt: after the rollback, it stops the loop
+            kept = "; the goals set for it wait for the next response" if pending_goals else ""
+            say(f"error: the response failed ({type(exc).__name__}: {exc}); the message was not added{kept}")
             continue
-        finally:
-            _abandon(pending_goals)
+        _abandon(pending_goals)
         session.history.append({"role": "assistant", "text": result.text})
         say(f"reso> {result.text}")
         if result.goals_achieved:

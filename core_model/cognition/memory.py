@@ -154,4 +154,9 @@ class TemporalSedenionMemory:
         mem.clock = int(data["clock"])
         mem.moments = [Moment([float(v) for v in m["state"]], int(m["time"]), float(m["importance"]),
                               int(m["episode"]), int(m["turn"]), str(m["text"])) for m in data["moments"]]
+        for m in mem.moments:  # refused here, not later in the middle of a generation
+            if len(m.state) != 16 or not all(math.isfinite(v) for v in m.state):
+                raise ValueError(f"a memory state has 16 finite components, got {len(m.state)}: {m.text!r:.40}")
+            if not m.importance > 0:
+                raise ValueError(f"a memory moment's importance must be > 0, got {m.importance}")
         return mem

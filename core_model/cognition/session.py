@@ -126,9 +126,10 @@ class CognitiveSession:
             s.apply_config(config)  # the settings are the config's, the state is the dict's
         except (KeyError, TypeError, ValueError, CognitionError) as exc:
             raise SessionStateError(f"malformed session dict: {exc!r}") from exc
-        dim = len(s.agency.goals[0].vector) if s.agency.goals else config.dim
-        if dim != config.dim:
-            raise SessionStateError(f"goal vectors have {dim} dims, the model {config.dim}")
+        for goal in s.agency.goals:
+            if len(goal.vector) != config.dim:
+                raise SessionStateError(f"goal {goal.description!r} has a {len(goal.vector)}-dim vector, "
+                                        f"the model {config.dim}")
         return s
 
     def phase_vector(self) -> np.ndarray | None:

@@ -31,6 +31,7 @@ import numpy as np
 from ..config import StabilityConfig
 
 STABLE, PERIODIC, CHAOTIC, DIVERGENT = "stable", "periodic", "chaotic", "divergent"
+UNMONITORED = "unmonitored"  # a generation's label when stability monitoring is off
 CLASSES = (STABLE, PERIODIC, CHAOTIC, DIVERGENT)
 
 
@@ -59,13 +60,15 @@ class TemperatureController:
         T <- T (1 + step)            if h < low or the output is periodic       (entropy collapses)
         T <- T + step (T_0 - T)      otherwise                                  (relax to the request)
 
-    always clipped to ``[min_temperature, max_temperature]``. ``T_0 = 0`` (greedy) is left alone.
+    always clipped to ``[min_temperature, max_temperature]``. ``T_0 = 0`` (greedy) is left alone,
+    and so is any requested temperature when ``auto_temperature_adjust`` is off.
     """
 
     def __init__(self, config: StabilityConfig, base: float) -> None:
         self.config = config
         self.base = base
-        self.temperature = base if base == 0 else self._clip(base)
+        adjust = config.auto_temperature_adjust and base != 0
+        self.temperature = self._clip(base) if adjust else base
 
     def _clip(self, t: float) -> float:
         return min(self.config.max_temperature, max(self.config.min_temperature, t))
@@ -207,9 +210,12 @@ class PredictiveStability:
         return float(np.mean(recent))
 
     def _forecast(self) -> float:
-        """Linear trend of the local exponents, extrapolated ``predictive_horizon`` steps ahead."""
+        """Linear trend of the local exponents, extrapolated ``predictive_horizon`` steps ahead.
+
+        Two exponents make a trend: at the default of one twin window every 64 steps, asking for
+        more would leave generations shorter than about 200 tokens without any prediction."""
         n = len(self.exponents)
-        if n < 4:  # too few measurements for a trend
+        if n < 2:  # no trend yet: the forecast is the estimate itself
             return self.state.lyapunov
         if self._slope_at != (n, self.exponents[-1]):  # least-squares slope, recomputed per new exponent
             x = np.fromiter(self.positions, dtype=np.float64, count=n)
