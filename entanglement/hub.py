@@ -148,7 +148,10 @@ class BusHub:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop, close all sockets (linger 0) and, if the hub made it, the context."""
         if self._thread is not None and self._thread.is_alive() and self._pipe is not None:
-            self._pipe.send(b"stop")
+            try:
+                self._pipe.send(b"stop", zmq.NOBLOCK)
+            except zmq.Again:  # the thread ended since is_alive() (its end of the pipe is gone)
+                log.debug("hub: the stop request found no thread to take it")
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise HubError(f"hub thread did not stop within {timeout}s")
@@ -452,7 +455,8 @@ class BusHub:
                 self._map[key] = (msg, seq, body)
             snapshot.send_multipart([identity, body])
         request = req.payload.get("request", 0) if req.payload is not None else 0
-        end = StateUpdate(SNAPSHOT_END, HUB_AGENT, StatePayload(extra={"request": request}),
+        # the item count lets the node tell a whole snapshot from one the ROUTER cut at its HWM
+        end = StateUpdate(SNAPSHOT_END, HUB_AGENT, StatePayload(extra={"request": request, "items": len(self._map)}),
                           self._seq, self.epoch, time.time())
         snapshot.send_multipart([identity, encode(end)])
         self.counters.snapshots += 1

@@ -64,7 +64,8 @@ How it travels, frame by frame::
     node DEALER -> hub ROUTER    [body "$snapshot?"]       extra {"request": int}
     hub ROUTER -> node DEALER    [body], ... one per key (seq and epoch stamped in the body),
                                  then [body "$snapshot-end"] whose seq is the sequence the
-                                 snapshot covers, extra {"request": the request's number}
+                                 snapshot covers, extra {"request": the request's number,
+                                 "items": how many items came before it}
 
 Decoding and validation happen in one pass in compiled code: the body and batch types below
 are msgspec structs, so a frame is checked against the schema while it is parsed (version 2

@@ -11,6 +11,7 @@ States and transitions::
     CONNECTING --sockets made, SUB subscribed, "$snapshot?" sent--> SYNCING
     SYNCING    --"$snapshot-end" of the current request: install map, apply queued updates
                  with seq > snapshot seq, re-publish own keys the snapshot lacks--> ACTIVE
+                 (fewer items than the end counts: ask again, stay SYNCING)
     ACTIVE     --seq gap, a batch/heartbeat ahead of us, or a new hub epoch--> SYNCING (same sockets)
     SYNCING/ACTIVE --hub silent for hub_timeout, or no snapshot within snapshot_timeout-->
                  CONNECTING (fresh SUB and DEALER)
@@ -495,6 +496,13 @@ class BusNode:
             self._snapshot_items = {}  # the end of an older request: wait for ours
             return
         items, self._snapshot_items = self._snapshot_items, {}
+        expected = msg.payload.get("items")
+        if type(expected) is int and expected != len(items):  # the hub's ROUTER dropped some (its HWM)
+            self._counters.dropped += len(items)
+            log.debug("node %r: snapshot of %d items, %d arrived: asking again", self.agent_id, expected,
+                      len(items))
+            self._request_snapshot()
+            return
         self._replica.install(items, msg.seq, msg.epoch, before_notify=self._activate)
         pending, self._pending = self._pending, []
         self._replaying = True  # own keys the replay deletes are re-sent once, below

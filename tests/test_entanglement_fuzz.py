@@ -547,3 +547,28 @@ def test_a_slow_snapshot_that_keeps_arriving_is_not_abandoned() -> None:
         assert node.wait_active(5)
         assert len(node.latest("a1")) == items and node.counters.resyncs == 0
         assert not router.poll(200)  # no second request
+
+
+def test_a_snapshot_short_of_its_item_count_is_asked_for_again() -> None:
+    """The end of a snapshot says how many items came before it: a node that got fewer (the
+    hub's ROUTER drops at its HWM) asks again instead of installing a partial map."""
+    with scripted_hub() as (pub, router, node):
+        epoch = 7
+
+        def reply(request: bytes, keys: range, claimed: int) -> None:
+            req = unpack(request)
+            for i in keys:
+                router.send_multipart([identity, packb([WIRE_VERSION, f"agent/a1/k{i}", "a1", {"step": i}, i + 1,
+                                                        epoch, 1.0])])
+            end = {"extra": {"request": req.payload["request"], "items": claimed}}
+            router.send_multipart([identity, packb([WIRE_VERSION, "$snapshot-end", "hub", end, 3, epoch, 1.0])])
+
+        assert router.poll(5000)
+        identity, request = router.recv_multipart()
+        reply(request, range(2), claimed=3)  # one item lost on the way
+        assert router.poll(5000)  # so the node asks again...
+        identity, request = router.recv_multipart()
+        assert node.node_state is NodeState.SYNCING and node.counters.resyncs == 1
+        reply(request, range(3), claimed=3)  # ...and installs the whole one
+        assert node.wait_active(5)
+        assert sorted(node.latest("a1")) == ["k0", "k1", "k2"] and node.counters.dropped == 2
