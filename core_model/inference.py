@@ -14,6 +14,7 @@ State (goals, foci, concepts, memory, trackers) lives in ``model.session``
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
@@ -51,10 +52,13 @@ class GenerationResult:
     goal_progress: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, as plain values (a diverging model's non-finite floats included)."""
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict())
+        """``to_dict()`` as standard JSON: a non-finite float (NaN or infinite entropy from a
+        diverging model) becomes ``null``, which every JSON parser reads."""
+        return json.dumps(_finite_or_none(self.to_dict()), allow_nan=False)
 
     def metrics_line(self) -> str:
         coh = f"{self.coherence_trace[-1]:.3f}" if self.coherence_trace else "n/a"
@@ -63,6 +67,16 @@ class GenerationResult:
         return (f"[stability={self.stability} score={self.stability_score:.2f} lyapunov={self.lyapunov:.4f} "
                 f"entropy={ent} temperature={temp} coherence={coh} tokens={self.tokens_generated} "
                 f"time_ms={self.generation_time_ms:.0f} warnings={len(self.warnings)}]")
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 class ResoLLMInference:

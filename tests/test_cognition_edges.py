@@ -133,3 +133,23 @@ def test_a_goal_vector_of_the_wrong_size_is_refused_on_restore():
     with pytest.raises(SessionStateError, match="16 finite components"):
         model.load_cognition_state(state)
 
+
+
+def test_to_json_is_standard_json_when_entropy_is_not_finite():
+    import json
+    import math
+
+    from core_model.inference import GenerationResult
+
+    r = GenerationResult(text="x", tokens_generated=2, stability="divergent", lyapunov=math.inf,
+                         entropy_trace=[1.0, math.nan], lyapunov_trace=[0.0, -math.inf], temperature_trace=[0.8, 0.8],
+                         coherence_trace=[], goals_achieved=[], attention_summary=[{"intensity": math.nan}],
+                         warnings=[], generation_time_ms=1.0)
+
+    def no_constants(name: str):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    d = json.loads(r.to_json(), parse_constant=no_constants)
+    assert d["entropy_trace"] == [1.0, None] and d["lyapunov"] is None
+    assert d["lyapunov_trace"] == [0.0, None] and d["attention_summary"] == [{"intensity": None}]
+    assert math.isnan(r.to_dict()["entropy_trace"][1])  # to_dict keeps the values
