@@ -23,8 +23,9 @@ updates/s  every agent publishes as fast as it can; the figure is the number of 
 p50/p99    latency from publish (the update's own timestamp) to the receiving agent's code,
            with all agents together publishing a paced --rate updates/s (default 1000).
 
-Each cell is the median over --repeats runs; the setups take turns (in alternating order), so a
-drift of the machine's speed hits every row alike.
+Each cell is the median over --repeats runs; the setups take turns, each repeat starting one
+setup later (a rotation), so none always runs first or last while the machine's speed drifts;
+with --repeats a multiple of 4 each setup takes every place in the order equally often.
 steal      the share of all CPU time the hypervisor gave to other guests during the row's latency
            runs (median; `benchmarks/host.py`): a virtual CPU wanted to run and could not.
            Latency tails follow it.
@@ -358,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             lat: dict[str, list[Sample]] = {name: [] for name in setups}
             steal: dict[str, list[float]] = {name: [] for name in setups}
             order = list(setups)
-            for r in range(args.repeats):  # in turns, alternating: drift hits every row alike
-                for name in order if r % 2 == 0 else order[::-1]:
+            for r in range(args.repeats):  # in turns, each repeat starting one setup later
+                for name in order[r % len(order):] + order[:r % len(order)]:
                     run = setups[name]
                     thr[name].append(run(conns, args.seconds, None).updates_per_s)
                     with StealMeter() as meter:

@@ -45,7 +45,7 @@ class GenerationResult:
     generation_time_ms: float
     prompt: str = ""
     token_ids: list[int] = field(default_factory=list)
-    stability_score: float = 1.0  # model.get_stability() after this generation
+    stability_score: float | None = 1.0  # model.get_stability() after this generation (None: unmonitored)
     repetition_trace: list[float] = field(default_factory=list)  # repeated-4-gram share of the window
     noise_steps: int = 0  # steps with stochastic-resonance noise on
     halted: bool = False  # stopped early on instability (opt-in)
@@ -64,7 +64,8 @@ class GenerationResult:
         coh = f"{self.coherence_trace[-1]:.3f}" if self.coherence_trace else "n/a"
         ent = f"{sum(self.entropy_trace) / len(self.entropy_trace):.3f}" if self.entropy_trace else "n/a"
         temp = f"{self.temperature_trace[-1]:.2f}" if self.temperature_trace else "n/a"
-        return (f"[stability={self.stability} score={self.stability_score:.2f} lyapunov={self.lyapunov:.4f} "
+        score = "n/a" if self.stability_score is None else f"{self.stability_score:.2f}"
+        return (f"[stability={self.stability} score={score} lyapunov={self.lyapunov:.4f} "
                 f"entropy={ent} temperature={temp} coherence={coh} tokens={self.tokens_generated} "
                 f"time_ms={self.generation_time_ms:.0f} warnings={len(self.warnings)}]")
 
@@ -163,7 +164,7 @@ class ResoLLMInference:
                 generation_time_ms=trace.elapsed_ms,
                 prompt=prompt,
                 token_ids=trace.tokens,
-                stability_score=session.stability_score(),
+                stability_score=session.stability_score() if monitored else None,
                 repetition_trace=trace.repetition,
                 noise_steps=trace.noise_steps,
                 halted=trace.halted,

@@ -61,6 +61,7 @@ from entanglement.security import NodeCredentials, SecurityError
 log = logging.getLogger(__name__)
 
 _DRAIN = 1000
+_SHORT_SNAPSHOT_RETRIES = 3  # snapshots asked for again in a row when items went missing on the way
 
 
 class NodeState(enum.Enum):
@@ -131,6 +132,8 @@ class BusNode:
         self._pending: list[StateUpdate] = []
         self._replaying = False  # replaying the updates queued while a snapshot was on its way
         self._snapshot_items: dict[str, StateUpdate] = {}
+        self._snapshot_arrived = 0  # frames before this request's end, malformed ones too
+        self._short_snapshots = 0  # snapshots in a row that ended short of their item count
         self._request_id = 0
         self._request_sent = 0.0
         self._last_hub = 0.0
@@ -153,13 +156,15 @@ class BusNode:
             made.append(push)
             self._configure(push)
             push.connect(config.endpoints.collect)
-        except zmq.ZMQError as exc:  # bad keys or endpoint: release what was made, say which
+        except BaseException as exc:  # bad keys or endpoint: release what was made, say which
             for sock in made:
                 sock.close(linger=0)
             if self._own_context:
                 self.context.term()
-            raise ConfigError(f"node {agent_id!r}: cannot set up its socket to the hub's collector "
-                              f"{config.endpoints.collect!r}: {exc}") from exc
+            if isinstance(exc, zmq.ZMQError):
+                raise ConfigError(f"node {agent_id!r}: cannot set up its socket to the hub's collector "
+                                  f"{config.endpoints.collect!r}: {exc}") from exc
+            raise
         self._out = Outbound(agent_id, config, push, pipe_out, self._counters)
         self._closed = False
         self._close_in_thread = False  # close() was called from the node thread (a callback)
@@ -265,8 +270,7 @@ class BusNode:
         self._closed = True
         self._beats_stop.set()
         if threading.current_thread() is self._thread:
-            self._close_in_thread = True
-            self._out.stop()
+            self._close_in_thread = True  # the loop sees it when the callback returns (no pipe: it may be full)
             return
         self._beats.join(timeout)
         if self._thread.is_alive():
@@ -348,13 +352,16 @@ class BusNode:
                 budget = _DRAIN  # updates, not messages: a batch may carry thousands
                 for frames in drain(sub, _DRAIN, multipart=True):
                     budget -= self._on_sub(frames)
-                    if budget <= 0:
+                    if budget <= 0 or self._close_in_thread:
                         break
             dealer = self._dealer
             if dealer is not None and dealer in events:
                 for frame in drain(dealer, _DRAIN):
                     self._on_snapshot(frame)
             self._check_timers(now)  # as of the wake-up: time spent in callbacks is not silence
+            if self._close_in_thread:  # close() from a callback: stop as the pipe's b"S" would
+                self._out.flush()
+                return
 
     def _on_pipe(self) -> bool:
         """Handle the pipe's commands; True on the stop request (the outbox is sent first)."""
@@ -401,6 +408,7 @@ class BusNode:
             self._counters.resyncs += 1
         self._request_id += 1
         self._snapshot_items = {}
+        self._snapshot_arrived = 0
         request = make_update(self.agent_id, SNAPSHOT_REQUEST, {"request": self._request_id})
         assert self._dealer is not None
         self._dealer.send(encode(request))
@@ -477,6 +485,7 @@ class BusNode:
     def _on_snapshot(self, frame: bytes) -> None:
         self._counters.received += 1
         self._last_hub = time.monotonic()
+        self._snapshot_arrived += 1  # the end's item count counts frames, whatever they hold
         try:
             msg = unpack(frame, self._snapshot_limits)
         except MalformedMessage as exc:
@@ -493,16 +502,21 @@ class BusNode:
             self._request_sent = self._last_hub
             return
         if msg.payload is None or msg.payload.get("request") != self._request_id:
-            self._snapshot_items = {}  # the end of an older request: wait for ours
+            self._snapshot_items, self._snapshot_arrived = {}, 0  # the end of an older request: wait for ours
             return
         items, self._snapshot_items = self._snapshot_items, {}
-        expected = msg.payload.get("items")
-        if type(expected) is int and expected != len(items):  # the hub's ROUTER dropped some (its HWM)
-            self._counters.dropped += len(items)
-            log.debug("node %r: snapshot of %d items, %d arrived: asking again", self.agent_id, expected,
-                      len(items))
-            self._request_snapshot()
-            return
+        expected, arrived = msg.payload.get("items"), self._snapshot_arrived - 1  # (not the end itself)
+        if type(expected) is int and arrived < expected:  # the hub's ROUTER dropped some (at its HWM)
+            self._short_snapshots += 1
+            if self._short_snapshots <= _SHORT_SNAPSHOT_RETRIES:
+                self._counters.dropped += len(items)
+                log.debug("node %r: %d of the snapshot's %d items arrived: asking again", self.agent_id,
+                          arrived, expected)
+                self._request_snapshot()
+                return
+            log.warning("node %r: %d snapshots in a row came short of their items (%d of %d this time); "
+                        "taking what arrived", self.agent_id, self._short_snapshots, arrived, expected)
+        self._short_snapshots = 0
         self._replica.install(items, msg.seq, msg.epoch, before_notify=self._activate)
         pending, self._pending = self._pending, []
         self._replaying = True  # own keys the replay deletes are re-sent once, below

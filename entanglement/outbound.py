@@ -11,7 +11,7 @@ node's pipe (b"F") when the outbox stops being empty, sends everything in it as 
 `entanglement.message`). A full outbox leaves from the caller's thread, and so does one the node
 thread has left waiting longer than `coalesce` (it is busy, e.g. in a slow `on_update` callback),
 with the next publish or, when none comes, the next heartbeat (the heartbeat thread's): a busy
-node thread holds its agent's updates back by at most `heartbeat_interval`. Waking the node thread never blocks
+node thread holds its agent's updates back by at most `coalesce + heartbeat_interval`. Waking the node thread never blocks
 (a full pipe already holds a wake-up; an ended thread has nothing to wake), so no caller can
 hang holding the lock. Order is kept either way:
 anything sent directly after the outbox filled up sends the outbox first.

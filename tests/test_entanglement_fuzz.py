@@ -572,3 +572,32 @@ def test_a_snapshot_short_of_its_item_count_is_asked_for_again() -> None:
         reply(request, range(3), claimed=3)  # ...and installs the whole one
         assert node.wait_active(5)
         assert sorted(node.latest("a1")) == ["k0", "k1", "k2"] and node.counters.dropped == 2
+
+
+def test_a_malformed_snapshot_item_counts_as_arrived_and_short_snapshots_are_retried_a_few_times() -> None:
+    """The item count counts frames: one the node cannot decode still arrived (asking again would
+    bring it again). And a snapshot that keeps coming short is taken after three more tries."""
+    with scripted_hub() as (pub, router, node):
+        epoch = 7
+
+        def reply(request: bytes, frames: list[bytes], claimed: int) -> None:
+            req = unpack(request)
+            for frame in frames:
+                router.send_multipart([identity, frame])
+            end = {"extra": {"request": req.payload["request"], "items": claimed}}
+            router.send_multipart([identity, packb([WIRE_VERSION, "$snapshot-end", "hub", end, 3, epoch, 1.0])])
+
+        good = packb([WIRE_VERSION, "agent/a1/k0", "a1", {"step": 0}, 1, epoch, 1.0])
+        assert router.poll(5000)
+        identity, request = router.recv_multipart()
+        reply(request, [good, b"\xc1"], claimed=2)
+        assert node.wait_active(5) and node.counters.resyncs == 0
+        assert sorted(node.latest("a1")) == ["k0"] and node.counters.malformed == 1
+
+    with scripted_hub() as (pub, router, node):
+        for attempt in range(4):  # the first answer and three more, all one item short
+            assert router.poll(5000)
+            identity, request = router.recv_multipart()
+            assert node.node_state is NodeState.SYNCING and node.counters.resyncs == attempt
+            reply(request, [good], claimed=2)
+        assert node.wait_active(5) and sorted(node.latest("a1")) == ["k0"]

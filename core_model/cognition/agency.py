@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import functools
 import math
-import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import regex
 import torch
 
 STOPWORDS = frozenset(
@@ -46,13 +47,20 @@ ACTIVE, ACHIEVED, ABANDONED = "active", "achieved", "abandoned"
 GOAL_TYPES = ("exploratory", "informative", "creative", "task")
 
 
-_LETTER = r"[^\W\d_]"  # a letter of any script: "décision", "Größe" and "日本語" are words too
+_WORD_CHAR = r"[\p{L}\p{M}]"  # letters and the marks that join them (Devanagari, Thai vowel signs, accents)
+
+
+def _nfc(text: str) -> str:
+    """One spelling per word: "décision" typed with a combining accent is the composed one."""
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
 
 
 def content_words(text: str) -> list[str]:
-    """Lower-cased words of at least 4 letters (of any script) that are not stopwords, in order, unique."""
+    """Lower-cased words of at least 4 characters (letters of any script and their marks) that
+    are not stopwords, in order, unique. Scripts written without spaces between words (Chinese,
+    Japanese, Thai) give a whole run of text as one word, which a response rarely repeats."""
     out: list[str] = []
-    for w in re.findall(rf"{_LETTER}(?:{_LETTER}|['-]){{3,}}", text.lower()):
+    for w in regex.findall(rf"\p{{L}}(?:{_WORD_CHAR}|['-]){{3,}}", _nfc(text.lower())):
         w = w.strip("'-")
         if len(w) >= 4 and w not in STOPWORDS and w not in out:
             out.append(w)
@@ -60,14 +68,15 @@ def content_words(text: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _word_pattern(word: str) -> re.Pattern[str]:
+def _word_pattern(word: str) -> regex.Pattern[str]:
     """``word`` as a whole word of lower-cased text, plural endings allowed ("goal" matches
-    "goals", not "goalkeeper"; "rain" does not match "training")."""
-    return re.compile(rf"(?<!{_LETTER}){re.escape(word)}(?:s|es)?(?!{_LETTER})")
+    "goals", not "goalkeeper"; "rain" does not match "training"; "cision" not "décision")."""
+    return regex.compile(rf"(?<!{_WORD_CHAR}){regex.escape(word)}(?:s|es)?(?!{_WORD_CHAR})")
 
 
 def words_present(words: list[str], low: str) -> list[bool]:
     """For each (lower-case) word, whether it occurs as a whole word in the lower-cased ``low``."""
+    low = _nfc(low)
     return [_word_pattern(w).search(low) is not None for w in words]
 
 

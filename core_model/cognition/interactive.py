@@ -16,12 +16,12 @@ exception is raised after the same rollback.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, TextIO
 
 from ..tokenizer import ChatTurn
 from .agency import Goal
 from .errors import CognitionError
-from .memory import TemporalSedenionMemory
 
 if TYPE_CHECKING:
     from ..inference import ResoLLMInference
@@ -97,7 +97,7 @@ def _loop(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO, out: Text
                 continue
             say(f"goal set for the next response: {desc}")
             continue
-        memory_before = session.memory.to_dict()  # the message goes in first: it conditions the response
+        memory_before = copy.deepcopy(session.memory)  # the message goes in first: it conditions the response
         try:
             if session.config.temporal_smf.enabled:
                 engine.model.update_memory(msg, USER_IMPORTANCE)
@@ -108,7 +108,7 @@ def _loop(engine: "ResoLLMInference", show_metrics: bool, inp: TextIO, out: Text
         except BaseException as exc:  # the session goes back to how it was before the message
             if session.history and session.history[-1] == {"role": "user", "text": msg}:
                 session.history.pop()
-            session.memory = TemporalSedenionMemory.from_dict(memory_before)
+            session.memory = memory_before
             if not isinstance(exc, (CognitionError, ValueError, RuntimeError)):
                 raise  # not a failed response but a bug or an interrupt: after the rollback, it stops the loop
             kept = "; the goals set for it wait for the next response" if pending_goals else ""

@@ -89,6 +89,8 @@ class TemporalSedenionMemory:
         state = np.asarray(state, dtype=np.float64).reshape(-1)
         if state.shape != (16,):
             raise ValueError(f"a memory state has 16 components, got {state.shape}")
+        if not np.isfinite(state).all():  # a diverging model's hidden states: refused, never stored
+            raise ValueError("a memory state must be finite, got NaN or infinite components")
         if not importance > 0:
             raise ValueError(f"importance must be > 0, got {importance}")
         n = float(sedenion.norm(state))
@@ -112,6 +114,8 @@ class TemporalSedenionMemory:
             return
         m = self.moments[-1]
         mixed = (1 - weight) * np.asarray(m.state) + weight * np.asarray(state, dtype=np.float64)
+        if not np.isfinite(mixed).all():
+            raise ValueError("a folded sedenion state must be finite, got NaN or infinite components")
         n = float(sedenion.norm(mixed))
         m.state = (mixed / n if n > 0 else mixed).tolist()
 
@@ -155,8 +159,10 @@ class TemporalSedenionMemory:
         mem.moments = [Moment([float(v) for v in m["state"]], int(m["time"]), float(m["importance"]),
                               int(m["episode"]), int(m["turn"]), str(m["text"])) for m in data["moments"]]
         for m in mem.moments:  # refused here, not later in the middle of a generation
-            if len(m.state) != 16 or not all(math.isfinite(v) for v in m.state):
-                raise ValueError(f"a memory state has 16 finite components, got {len(m.state)}: {m.text!r:.40}")
+            if len(m.state) != 16:
+                raise ValueError(f"a memory state has 16 components, got {len(m.state)}: {m.text!r:.40}")
+            if not all(math.isfinite(v) for v in m.state):
+                raise ValueError(f"a memory state must be finite: {m.text!r:.40}")
             if not m.importance > 0:
                 raise ValueError(f"a memory moment's importance must be > 0, got {m.importance}")
         return mem
