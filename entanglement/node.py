@@ -28,13 +28,12 @@ their deletions (`counters.restored`).
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import zmq
@@ -54,41 +53,15 @@ from entanglement.message import (
     unpack,
     unpack_batch,
 )
+from entanglement.node_types import NodeCounters, NodeError, NodeState
 from entanglement.outbound import Outbound
 from entanglement.replica import Replica, UpdateCallback
 from entanglement.security import NodeCredentials, SecurityError
+from entanglement.snapshot import End, SnapshotTransfer
 
 log = logging.getLogger(__name__)
 
 _DRAIN = 1000
-_SHORT_SNAPSHOT_RETRIES = 3  # snapshots asked for again in a row when items went missing on the way
-
-
-class NodeState(enum.Enum):
-    CONNECTING = "connecting"
-    SYNCING = "syncing"
-    ACTIVE = "active"
-    CLOSED = "closed"
-
-
-class NodeError(RuntimeError):
-    """The node is closed, or its thread died (the original error is chained)."""
-
-
-@dataclass
-class NodeCounters:
-    sent: int = 0  # own updates handed to the hub
-    received: int = 0  # messages from the hub (batches, heartbeats, snapshot items)
-    applied: int = 0  # updates applied to the local map in sequence
-    send_failed: int = 0  # own updates not queued: hwm updates already waiting for the hub
-    dropped: int = 0  # incoming, well-formed but discarded: covered by a snapshot, stale
-    malformed: int = 0  # frames that failed to decode, and invalid bodies inside a batch
-    gaps: int = 0  # sequence gaps seen (each triggers a re-sync)
-    resyncs: int = 0  # snapshot requests after the first
-    hub_timeouts: int = 0  # hub silent for hub_timeout: sockets re-made
-    callback_errors: int = 0  # exceptions raised by on_update callbacks (logged)
-    restored: int = 0  # own updates re-sent: the hub lost them (expiry, restart) or a snapshot missed them
-    # (node.counters returns a copy; callback_errors is filled in from the replica)
 
 
 class BusNode:
@@ -131,11 +104,7 @@ class BusNode:
         # Node-thread bookkeeping (touched only by the node thread).
         self._pending: list[StateUpdate] = []
         self._replaying = False  # replaying the updates queued while a snapshot was on its way
-        self._snapshot_items: dict[str, StateUpdate] = {}
-        self._snapshot_arrived = 0  # frames before this request's end, malformed ones too
-        self._short_snapshots = 0  # snapshots in a row that ended short of their item count
-        self._request_id = 0
-        self._request_sent = 0.0
+        self._transfer = SnapshotTransfer()  # the snapshot asked for, as it arrives
         self._last_hub = 0.0
         self._sub: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
@@ -378,7 +347,7 @@ class BusNode:
             log.debug("node %r: hub silent for %.2fs, reconnecting", self.agent_id, now - self._last_hub)
             self._counters.hub_timeouts += 1
             self._connect()
-        elif self._state is NodeState.SYNCING and now - self._request_sent > self.config.snapshot_timeout:
+        elif self._state is NodeState.SYNCING and now - self._transfer.active_at > self.config.snapshot_timeout:
             log.debug("node %r: no snapshot within %.2fs, reconnecting", self.agent_id,
                       self.config.snapshot_timeout)
             self._connect()
@@ -404,15 +373,11 @@ class BusNode:
 
     def _request_snapshot(self) -> None:
         """Ask for a snapshot on the current DEALER; SUB traffic is queued meanwhile."""
-        if self._request_id > 0:
+        if self._transfer.request_id > 0:
             self._counters.resyncs += 1
-        self._request_id += 1
-        self._snapshot_items = {}
-        self._snapshot_arrived = 0
-        request = make_update(self.agent_id, SNAPSHOT_REQUEST, {"request": self._request_id})
+        request = make_update(self.agent_id, SNAPSHOT_REQUEST, {"request": self._transfer.begin(time.monotonic())})
         assert self._dealer is not None
         self._dealer.send(encode(request))
-        self._request_sent = time.monotonic()
         self._set_state(NodeState.SYNCING)
 
     def _on_sub(self, frames: list[bytes]) -> int:
@@ -485,7 +450,7 @@ class BusNode:
     def _on_snapshot(self, frame: bytes) -> None:
         self._counters.received += 1
         self._last_hub = time.monotonic()
-        self._snapshot_arrived += 1  # the end's item count counts frames, whatever they hold
+        self._transfer.frame()
         try:
             msg = unpack(frame, self._snapshot_limits)
         except MalformedMessage as exc:
@@ -495,28 +460,19 @@ class BusNode:
         if self._state is not NodeState.SYNCING:
             return
         if msg.key != SNAPSHOT_END:
-            if not msg.is_control and msg.payload is not None:
-                self._snapshot_items[msg.key] = msg
-            # a transfer that keeps arriving is alive: snapshot_timeout counts from its latest item,
-            # so a large snapshot over a slow link is not abandoned and asked for again forever
-            self._request_sent = self._last_hub
+            self._transfer.item(msg, self._last_hub)
             return
-        if msg.payload is None or msg.payload.get("request") != self._request_id:
-            self._snapshot_items, self._snapshot_arrived = {}, 0  # the end of an older request: wait for ours
+        outcome, items, arrived, expected = self._transfer.end(msg)
+        if outcome is End.OLDER:
             return
-        items, self._snapshot_items = self._snapshot_items, {}
-        expected, arrived = msg.payload.get("items"), self._snapshot_arrived - 1  # (not the end itself)
-        if type(expected) is int and arrived < expected:  # the hub's ROUTER dropped some (at its HWM)
-            self._short_snapshots += 1
-            if self._short_snapshots <= _SHORT_SNAPSHOT_RETRIES:
-                self._counters.dropped += len(items)
-                log.debug("node %r: %d of the snapshot's %d items arrived: asking again", self.agent_id,
-                          arrived, expected)
-                self._request_snapshot()
-                return
-            log.warning("node %r: %d snapshots in a row came short of their items (%d of %d this time); "
-                        "taking what arrived", self.agent_id, self._short_snapshots, arrived, expected)
-        self._short_snapshots = 0
+        if outcome is End.SHORT:
+            self._counters.dropped += len(items)
+            log.debug("node %r: %d of the snapshot's %d items arrived: asking again", self.agent_id, arrived, expected)
+            self._request_snapshot()
+            return
+        if expected is not None and arrived < expected:
+            log.warning("node %r: snapshots kept coming short of their items (%d of %d this time); taking "
+                        "what arrived", self.agent_id, arrived, expected)
         self._replica.install(items, msg.seq, msg.epoch, before_notify=self._activate)
         pending, self._pending = self._pending, []
         self._replaying = True  # own keys the replay deletes are re-sent once, below
