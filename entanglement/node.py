@@ -328,8 +328,7 @@ class BusNode:
                 for frame in drain(dealer, _DRAIN):
                     self._on_snapshot(frame)
             self._check_timers(now)  # as of the wake-up: time spent in callbacks is not silence
-            if self._close_in_thread:  # close() from a callback: stop as the pipe's b"S" would
-                self._out.flush()
+            if self._close_in_thread:  # close() from a callback: `_run` closes (and flushes) the outbound
                 return
 
     def _on_pipe(self) -> bool:

@@ -77,7 +77,7 @@ class Outbound:
         with self.lock:
             if self.closed:
                 return False
-            if self._outbox and time.monotonic() - self._outbox_since >= self.config.coalesce:
+            if self._stale(time.monotonic()):
                 self._flush()
             self._send(encode(make_update(self.agent_id, NODE_HEARTBEAT, None)), updates=0)
             return True
@@ -134,7 +134,7 @@ class Outbound:
                 or self._outbox_bytes + len(body) > limits.max_frame_bytes - PARCEL_OVERHEAD)
         # the node thread has not sent the outbox within coalesce (it is busy, e.g. in a slow
         # on_update callback): it leaves from this thread with this update, nothing waits
-        stale = not full and bool(self._outbox) and now - self._outbox_since >= self.config.coalesce
+        stale = not full and self._stale(now)
         if full:
             sent = self._flush()  # a full parcel leaves from this thread
         if not self._outbox:
@@ -146,6 +146,10 @@ class Outbound:
         if len(self._outbox) == 1:
             self._wake_node(b"F")  # wake the node thread: it sends the outbox when it runs
         return sent
+
+    def _stale(self, now: float) -> bool:
+        """Whether the outbox holds updates the node thread has left waiting longer than `coalesce`."""
+        return bool(self._outbox) and now - self._outbox_since >= self.config.coalesce
 
     def _wake_node(self, command: bytes) -> None:
         """Tell the node thread ``command`` without ever blocking under the lock: a full pipe

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from entanglement.config import BusEndpoints
@@ -59,11 +59,16 @@ def converged(nodes: Sequence[BusNode], hub: BusHub | None = None) -> bool:
     return all(v == views[0] for v in views[1:])
 
 
-def wait_converged(nodes: Sequence[BusNode], hub: BusHub | None = None, timeout: float = 10.0) -> bool:
-    """Poll `converged` until it holds or `timeout` passes."""
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.005) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes; its last answer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if converged(nodes, hub):
+        if predicate():
             return True
-        time.sleep(0.01)
-    return converged(nodes, hub)
+        time.sleep(interval)
+    return predicate()
+
+
+def wait_converged(nodes: Sequence[BusNode], hub: BusHub | None = None, timeout: float = 10.0) -> bool:
+    """Poll `converged` until it holds or `timeout` passes."""
+    return wait_until(lambda: converged(nodes, hub), timeout, 0.01)

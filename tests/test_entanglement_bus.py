@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -30,21 +30,12 @@ from entanglement import (
     StateUpdate,
     decode_phases,
 )
-from entanglement.testing import converged, fixed_tcp_endpoints, wait_converged
+from entanglement.testing import converged, fixed_tcp_endpoints, wait_converged, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
 FAST = dict(heartbeat_interval=0.05, hub_timeout=0.4, ttl=1.0, snapshot_timeout=0.5)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def endpoints_for(transport: str, ipc_dir: str) -> BusEndpoints:

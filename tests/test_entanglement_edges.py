@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 import zmq
@@ -14,19 +13,11 @@ import zmq
 from entanglement import BusConfig, BusEndpoints, BusHub, BusNode, ConfigError, MessageLimits, NodeState
 from entanglement.message import encode_update
 from entanglement.security import SHARED_CLIENT, SecurityError
+from entanglement.testing import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
 FAST = dict(heartbeat_interval=0.05, hub_timeout=0.4, ttl=1.0, snapshot_timeout=0.5)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_an_update_at_the_frame_limit_reaches_a_late_joiner() -> None:
@@ -76,7 +67,7 @@ def test_a_busy_node_thread_holds_its_last_coalesced_update_one_heartbeat_at_mos
         try:
             assert a.wait_active(5) and w.wait_active(5)
             w.publish("block", {"step": 1})
-            assert wait_until(entered.is_set)
+            assert wait_until(entered.is_set, 5)
             a.publish("phase", {"step": 1})
             a.publish("sedenion", {"step": 2})  # within coalesce: it joins the outbox
             # within 3 s: a heartbeat (every 0.05 s) sent it, not the callback's end (10 s away)
@@ -104,8 +95,8 @@ def test_close_from_an_update_callback_releases_every_socket() -> None:
         try:
             assert a.wait_active(5) and w.wait_active(5)
             w.publish("stop", {"step": 1})
-            assert wait_until(closed.is_set)
-            assert wait_until(lambda: a.node_state is NodeState.CLOSED and a.context.closed)
+            assert wait_until(closed.is_set, 5)
+            assert wait_until(lambda: a.node_state is NodeState.CLOSED and a.context.closed, 5)
             assert a._out.closed and not a._thread.is_alive()
             a.close()  # again, from outside: a no-op
         finally:

@@ -11,7 +11,7 @@ a valid one always is).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,6 +43,7 @@ from entanglement.message import (
     unpack_batch,
     unpack_parcel,
 )
+from entanglement.testing import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -141,15 +142,6 @@ def valid_in_batch(frame: bytes) -> bool:
     return parses(frame) and not unpack(frame).key.startswith("$")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
 @contextmanager
 def scripted_hub(sndhwm: int | None = None, **config: Any) -> Iterator[tuple[zmq.Socket, zmq.Socket, BusNode]]:
     """A hub played by the test: its PUB and ROUTER bound on tcp, and a node "victim" connected
@@ -174,15 +166,28 @@ def scripted_hub(sndhwm: int | None = None, **config: Any) -> Iterator[tuple[zmq
         ctx.term()
 
 
-def test_hub_collector_survives_10000_fuzzed_frames() -> None:
+@contextmanager
+def live_hub() -> Iterator[tuple[BusHub, BusNode, zmq.Socket]]:
+    """A real hub on tcp, a node "watcher" subscribed to it, and a raw PUSH socket into its
+    collector (for frames no node would send); all of it closed on exit."""
     hub = BusHub(BusConfig(endpoints=BusEndpoints.tcp(), **CONFIG)).start()
     watcher = BusNode("watcher", hub.config)
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.linger = 0
     push.connect(hub.config.endpoints.collect)
-    totals = {"frames": 0, "bad": 0}
     try:
+        yield hub, watcher, push
+    finally:
+        push.close()
+        ctx.term()
+        watcher.close()
+        hub.stop()
+
+
+def test_hub_collector_survives_10000_fuzzed_frames() -> None:
+    totals = {"frames": 0, "bad": 0}
+    with live_hub() as (hub, watcher, push):
         assert watcher.wait_active(5)
 
         @settings(max_examples=HUB_BATCHES, **FUZZ_SETTINGS)
@@ -239,11 +244,6 @@ def test_hub_collector_survives_10000_fuzzed_frames() -> None:
         assert watcher.counters.malformed == 0  # the hub only ever republishes clean state
         assert watcher.wait_for(lambda n: n.seq == hub.seq, 10)
         assert watcher.state() == hub.keys_snapshot()
-    finally:
-        push.close()
-        ctx.term()
-        watcher.close()
-        hub.stop()
 
 
 def test_node_survives_fuzzed_updates_and_snapshot_replies() -> None:
@@ -379,13 +379,7 @@ def test_deeply_nested_frames_are_malformed_and_kill_no_receiver() -> None:
         for decode in (unpack, unpack_parcel, unpack_batch):
             with pytest.raises(MalformedMessage):
                 decode(frame)
-    hub = BusHub(BusConfig(endpoints=BusEndpoints.tcp(), **CONFIG)).start()
-    watcher = BusNode("watcher", hub.config)
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.linger = 0
-    push.connect(hub.config.endpoints.collect)
-    try:
+    with live_hub() as (hub, watcher, push):
         assert watcher.wait_active(5)
         before = hub.counters.malformed
         for frame in NESTED.values():
@@ -394,11 +388,6 @@ def test_deeply_nested_frames_are_malformed_and_kill_no_receiver() -> None:
         push.send(encode(StateUpdate("agent/a0/x", "a0", StatePayload(step=1))))
         assert wait_until(lambda: "agent/a0/x" in watcher.state())
         assert hub.alive and hub.error is None
-    finally:
-        push.close()
-        ctx.term()
-        watcher.close()
-        hub.stop()
     with scripted_hub() as (pub, router, node):
         assert router.poll(5000)
         identity, _request = router.recv_multipart()

@@ -54,6 +54,20 @@ class Recollection:
         return asdict(self)
 
 
+def _checked(state: Any, importance: float, text: str | None = None) -> np.ndarray:
+    """``state`` as 16 finite float64 components with an importance > 0, or ValueError (a
+    diverging model's hidden states are refused, never stored)."""
+    state = np.asarray(state, dtype=np.float64).reshape(-1)
+    where = "" if text is None else f" ({text!r:.40})"
+    if state.shape != (16,):
+        raise ValueError(f"a memory state has 16 components, got {state.size}{where}")
+    if not np.isfinite(state).all():
+        raise ValueError(f"a memory state must be finite, got NaN or infinite components{where}")
+    if not importance > 0:
+        raise ValueError(f"importance must be > 0, got {importance}{where}")
+    return state
+
+
 class TemporalSedenionMemory:
     """Moments, a logical clock, decay, pruning and recall (see module docstring)."""
 
@@ -86,13 +100,7 @@ class TemporalSedenionMemory:
     # --- writing ----------------------------------------------------------------------
     def store(self, state: np.ndarray, text: str, importance: float = 1.0, episode: int = 0, turn: int = 0) -> Moment:
         """Store a moment at the current clock, then advance the clock by one."""
-        state = np.asarray(state, dtype=np.float64).reshape(-1)
-        if state.shape != (16,):
-            raise ValueError(f"a memory state has 16 components, got {state.shape}")
-        if not np.isfinite(state).all():  # a diverging model's hidden states: refused, never stored
-            raise ValueError("a memory state must be finite, got NaN or infinite components")
-        if not importance > 0:
-            raise ValueError(f"importance must be > 0, got {importance}")
+        state = _checked(state, importance)
         n = float(sedenion.norm(state))
         unit = state / n if n > 0 else state
         if not self.episodic_tagging:
@@ -159,10 +167,5 @@ class TemporalSedenionMemory:
         mem.moments = [Moment([float(v) for v in m["state"]], int(m["time"]), float(m["importance"]),
                               int(m["episode"]), int(m["turn"]), str(m["text"])) for m in data["moments"]]
         for m in mem.moments:  # refused here, not later in the middle of a generation
-            if len(m.state) != 16:
-                raise ValueError(f"a memory state has 16 components, got {len(m.state)}: {m.text!r:.40}")
-            if not all(math.isfinite(v) for v in m.state):
-                raise ValueError(f"a memory state must be finite: {m.text!r:.40}")
-            if not m.importance > 0:
-                raise ValueError(f"a memory moment's importance must be > 0, got {m.importance}")
+            _checked(m.state, m.importance, m.text)
         return mem
