@@ -22,8 +22,11 @@ The hub publishes batches (see `entanglement.message`): every body in a batch is
 its own; a malformed one is counted and dropped, and the hole it leaves is a gap.
 A heartbeat thread sends "$heartbeat" every heartbeat_interval so the hub can expire the node
 when its process vanishes (dies, is paused, or loses the network); a node thread busy in a slow
-callback keeps beating. A node that was expired while alive re-sends its own keys when it sees
-their deletions (`counters.restored`).
+callback keeps beating. A node thread that is free to listen and has not heard the hub for
+hub_timeout holds its beats: beats to a hub that is down would wait in the PUSH queue, taking
+room from updates, and reach a restarted hub as a stale burst. They resume with the first
+message from the hub (`counters.heartbeats_held` counts the ones left out). A node that was
+expired while alive re-sends its own keys when it sees their deletions (`counters.restored`).
 """
 
 from __future__ import annotations
@@ -105,7 +108,9 @@ class BusNode:
         self._pending: list[StateUpdate] = []
         self._replaying = False  # replaying the updates queued while a snapshot was on its way
         self._transfer = SnapshotTransfer()  # the snapshot asked for, as it arrives
-        self._last_hub = 0.0
+        self._last_hub = 0.0  # the hub-silence clock (reset when the sockets are re-made)
+        # Read by the heartbeat thread: the last message from the hub, the node thread's last wake-up.
+        self._heard = self._awake = time.monotonic()
         self._sub: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
         self._poller = zmq.Poller()
@@ -300,8 +305,16 @@ class BusNode:
         thread lives. It is a thread of its own so that a node whose thread is busy (a slow
         `on_update` callback) is not taken for a vanished one: only a dead or unreachable
         process stops its heartbeats."""
-        interval = self.config.heartbeat_interval
-        while self._thread.is_alive() and self._out.heartbeat():
+        interval, timeout = self.config.heartbeat_interval, self.config.hub_timeout
+        while self._thread.is_alive():
+            now = time.monotonic()
+            # No beats into a silent hub's queue; but a node thread stuck in a callback may just
+            # not have read the hub yet: then keep beating.
+            beat = now - self._heard <= timeout or now - self._awake > timeout
+            if not self._out.heartbeat(beat):
+                return
+            if not beat:
+                self._counters.heartbeats_held += 1
             if self._beats_stop.wait(interval):
                 return
 
@@ -310,10 +323,10 @@ class BusNode:
         poll_ms = self.config.heartbeat_interval * 1000.0  # the timers' resolution
         while True:
             events = dict(self._poller.poll(poll_ms))
-            now = time.monotonic()
+            self._awake = now = time.monotonic()
             sub = self._sub
             if sub is not None and sub in events:
-                self._last_hub = now  # the hub is heard, even if this thread was late to read it
+                self._last_hub = self._heard = now  # the hub is heard, even if this thread was late to read it
             if self._pipe_in in events and self._on_pipe():
                 return
             # Read what waits on each readable socket (entanglement.drain: no zmq.Again per wake-up)
@@ -382,7 +395,7 @@ class BusNode:
     def _on_sub(self, frames: list[bytes]) -> int:
         """Handle one PUB message; return how much work it was (bodies, at least 1)."""
         self._counters.received += 1
-        self._last_hub = time.monotonic()
+        self._last_hub = self._heard = time.monotonic()
         try:
             if len(frames) != 1:
                 raise MalformedMessage(f"expected one batch frame, got {len(frames)} frames")
@@ -448,7 +461,7 @@ class BusNode:
 
     def _on_snapshot(self, frame: bytes) -> None:
         self._counters.received += 1
-        self._last_hub = time.monotonic()
+        self._last_hub = self._heard = time.monotonic()
         self._transfer.frame()
         try:
             msg = unpack(frame, self._snapshot_limits)

@@ -29,5 +29,6 @@ class NodeCounters:
     resyncs: int = 0  # snapshot requests after the first
     hub_timeouts: int = 0  # hub silent for hub_timeout: sockets re-made
     callback_errors: int = 0  # exceptions raised by on_update callbacks (logged)
+    heartbeats_held: int = 0  # heartbeats not sent: the hub was silent for hub_timeout
     restored: int = 0  # own updates re-sent: the hub lost them (expiry, restart) or a snapshot missed them
     # (node.counters returns a copy; callback_errors is filled in from the replica)

@@ -71,15 +71,17 @@ class Outbound:
                 self._own[key] = body
             return self._queue(body)
 
-    def heartbeat(self) -> bool:
-        """Send a "$heartbeat" (after the outbox, if the node thread has left it waiting longer
-        than `coalesce`: it is busy, and no publish came to send it); False once closed."""
+    def heartbeat(self, beat: bool = True) -> bool:
+        """Send the outbox if the node thread has left it waiting longer than `coalesce` (it is
+        busy, and no publish came to send it), then a "$heartbeat" unless `beat` is false (the
+        hub is silent); False once closed."""
         with self.lock:
             if self.closed:
                 return False
             if self._stale(time.monotonic()):
                 self._flush()
-            self._send(encode(make_update(self.agent_id, NODE_HEARTBEAT, None)), updates=0)
+            if beat:
+                self._send(encode(make_update(self.agent_id, NODE_HEARTBEAT, None)), updates=0)
             return True
 
     # -- node thread ------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Edges of the bus found in review, over real sockets: limits at the snapshot, a busy node
 thread's last update, close() from a callback, what the counters count, a failed constructor,
-and the shared credential's name."""
+the shared credential's name, and heartbeats while the hub is down."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import zmq
 from entanglement import BusConfig, BusEndpoints, BusHub, BusNode, ConfigError, MessageLimits, NodeState
 from entanglement.message import encode_update
 from entanglement.security import SHARED_CLIENT, SecurityError
-from entanglement.testing import wait_until
+from entanglement.testing import fixed_tcp_endpoints, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -140,3 +140,59 @@ def test_the_shared_credential_name_is_not_a_client_name() -> None:
         with pytest.raises(SecurityError, match=SHARED_CLIENT):
             hub.add_client(SHARED_CLIENT)
         assert hub.add_client("a0").client.public != hub.credentials().client.public
+
+
+def _frames_within(sock: zmq.Socket, seconds: float) -> int:
+    count, deadline = 0, time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(left * 1000):
+            sock.recv()
+            count += 1
+    return count
+
+
+def test_a_node_holds_its_heartbeats_while_the_hub_is_silent() -> None:
+    """No hub for 1.2 s: the node beats for hub_timeout (0.4 s, 8 beats), then holds its beats
+    instead of queueing about 16 more for whoever binds the collector next."""
+    config = BusConfig(endpoints=fixed_tcp_endpoints(), security="none", **FAST)
+    node = BusNode("a", config)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    try:
+        time.sleep(1.2)
+        pull.bind(config.endpoints.collect)  # a collector appears; no hub speaks on PUB
+        arrived = _frames_within(pull, 0.5)
+        beats = config.hub_timeout / config.heartbeat_interval
+        assert 1 <= arrived <= beats + 3  # what queued before the hold, and nothing after it
+        assert node.counters.heartbeats_held >= 10
+    finally:
+        node.close()
+        pull.close(linger=0)
+        ctx.term()
+
+
+def test_heartbeats_resume_with_a_restarted_hub_and_keep_the_node_alive() -> None:
+    """The hub down for 2.5 hub_timeouts (the node holds its beats), then back on the same
+    endpoints: the node's beats resume, so the new hub does not expire it in 2 TTLs."""
+    config = BusConfig(endpoints=fixed_tcp_endpoints(), **FAST)
+    hub1 = BusHub(config).start()
+    keys = hub1.keys
+    node = BusNode("a", hub1.config, hub1.credentials())
+    hub2 = None
+    try:
+        assert node.wait_active(5)
+        node.publish("phase", {"step": 1})
+        assert wait_until(lambda: "agent/a/phase" in hub1.keys_snapshot(), 5)
+        hub1.stop()
+        assert wait_until(lambda: node.counters.heartbeats_held >= 3, 5)
+        held = node.counters.heartbeats_held
+        hub2 = BusHub(config, keys=keys).start()
+        assert wait_until(lambda: "agent/a/phase" in hub2.keys_snapshot(), 10)  # re-sent after the snapshot
+        time.sleep(2 * config.ttl)
+        assert hub2.counters.expired_agents == 0
+        assert "agent/a/phase" in hub2.keys_snapshot()
+        assert node.counters.heartbeats_held - held <= 2  # at most the beats already being decided
+    finally:
+        node.close()
+        if hub2 is not None:
+            hub2.stop()
