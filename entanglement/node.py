@@ -108,8 +108,8 @@ class BusNode:
         self._pending: list[StateUpdate] = []
         self._replaying = False  # replaying the updates queued while a snapshot was on its way
         self._transfer = SnapshotTransfer()  # the snapshot asked for, as it arrives
-        self._last_hub = 0.0  # the hub-silence clock (reset when the sockets are re-made)
-        # Read by the heartbeat thread: the last message from the hub, the node thread's last wake-up.
+        self._connected_at = 0.0  # when the sockets were last made: silence counts from the later of this and _heard
+        # Read by the heartbeat thread too: the last message from the hub, the node thread's last wake-up.
         self._heard = self._awake = time.monotonic()
         self._sub: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
@@ -304,7 +304,8 @@ class BusNode:
         """The heartbeat thread: "$heartbeat" to the hub every heartbeat_interval while the node
         thread lives. It is a thread of its own so that a node whose thread is busy (a slow
         `on_update` callback) is not taken for a vanished one: only a dead or unreachable
-        process stops its heartbeats."""
+        process stops its heartbeats. Each tick also sends an outbox left waiting; the beat
+        itself is held while the hub is silent (module docstring)."""
         interval, timeout = self.config.heartbeat_interval, self.config.hub_timeout
         while self._thread.is_alive():
             now = time.monotonic()
@@ -326,7 +327,7 @@ class BusNode:
             self._awake = now = time.monotonic()
             sub = self._sub
             if sub is not None and sub in events:
-                self._last_hub = self._heard = now  # the hub is heard, even if this thread was late to read it
+                self._heard = now  # the hub is heard, even if this thread was late to read it
             if self._pipe_in in events and self._on_pipe():
                 return
             # Read what waits on each readable socket (entanglement.drain: no zmq.Again per wake-up)
@@ -355,8 +356,9 @@ class BusNode:
     def _check_timers(self, now: float) -> None:
         if self._state is NodeState.CONNECTING:
             return
-        if now - self._last_hub > self.config.hub_timeout:
-            log.debug("node %r: hub silent for %.2fs, reconnecting", self.agent_id, now - self._last_hub)
+        silent = now - max(self._heard, self._connected_at)
+        if silent > self.config.hub_timeout:
+            log.debug("node %r: hub silent for %.2fs, reconnecting", self.agent_id, silent)
             self._counters.hub_timeouts += 1
             self._connect()
         elif self._state is NodeState.SYNCING and now - self._transfer.active_at > self.config.snapshot_timeout:
@@ -380,7 +382,7 @@ class BusNode:
         self._dealer.connect(eps.snapshot)
         self._poller.register(self._sub, zmq.POLLIN)
         self._poller.register(self._dealer, zmq.POLLIN)
-        self._last_hub = time.monotonic()
+        self._connected_at = time.monotonic()
         self._request_snapshot()
 
     def _request_snapshot(self) -> None:
@@ -395,7 +397,7 @@ class BusNode:
     def _on_sub(self, frames: list[bytes]) -> int:
         """Handle one PUB message; return how much work it was (bodies, at least 1)."""
         self._counters.received += 1
-        self._last_hub = self._heard = time.monotonic()
+        self._heard = time.monotonic()
         try:
             if len(frames) != 1:
                 raise MalformedMessage(f"expected one batch frame, got {len(frames)} frames")
@@ -461,7 +463,7 @@ class BusNode:
 
     def _on_snapshot(self, frame: bytes) -> None:
         self._counters.received += 1
-        self._last_hub = self._heard = time.monotonic()
+        self._heard = time.monotonic()
         self._transfer.frame()
         try:
             msg = unpack(frame, self._snapshot_limits)
@@ -472,7 +474,7 @@ class BusNode:
         if self._state is not NodeState.SYNCING:
             return
         if msg.key != SNAPSHOT_END:
-            self._transfer.item(msg, self._last_hub)
+            self._transfer.item(msg, self._heard)
             return
         outcome, items, arrived, expected = self._transfer.end(msg)
         if outcome is End.OLDER:

@@ -71,7 +71,7 @@ class Outbound:
                 self._own[key] = body
             return self._queue(body)
 
-    def heartbeat(self, beat: bool = True) -> bool:
+    def heartbeat(self, beat: bool) -> bool:
         """Send the outbox if the node thread has left it waiting longer than `coalesce` (it is
         busy, and no publish came to send it), then a "$heartbeat" unless `beat` is false (the
         hub is silent); False once closed."""

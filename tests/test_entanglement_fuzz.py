@@ -512,7 +512,8 @@ def test_an_active_node_survives_fuzzed_batches_and_heals_by_snapshot() -> None:
 
         feed()
         # 80 batches of 1 to 25 bodies; how many exactly depends on the Hypothesis version's
-        # derandomised draws (at least 500 with the versions CI had before, 455 with 6.170.16 and .17): a floor well below either
+        # derandomised draws (at least 500 with the versions CI had before, 455 with 6.170.16
+        # and .17): a floor well below either
         assert state["bodies"] >= 6 * NODE_BATCHES and state["resyncs"] >= 10 and state["applied"] >= 10
         assert len(state["map"]) >= 3
         assert node.alive and node.error is None
