@@ -523,7 +523,9 @@ def test_an_update_over_the_frame_limit_is_refused_at_publish() -> None:
             a.publish("phase", {"step": 1})
             assert a.wait_for(lambda n: "phase" in n.latest("a"), 5)
             assert a.latest("a")["phase"].payload.phases is None
-            assert hub.counters.malformed == 0 and a.counters.sent == 1
+            # sent - restored: a publish right after activation may also be re-sent by the
+            # snapshot's resend_missing, which runs just after the node turns ACTIVE
+            assert hub.counters.malformed == 0 and a.counters.sent - a.counters.restored == 1
         finally:
             a.close()
 
