@@ -1,7 +1,7 @@
 """`BusNode`: one agent's view of the bus, the Clone pattern's clonecli.
 
 The node's own thread owns the receiving sockets (SUB <- hub PUB, DEALER <-> hub ROUTER) and
-listens to an inproc PAIR pipe (stop, flush). Everything sent to the hub goes through
+listens to an inproc PAIR pipe (wake-ups: flush the outbox, see a stop). Everything sent to the hub goes through
 `entanglement.outbound.Outbound`: one PUSH socket shared under a lock by `publish()` callers, the
 heartbeat thread and the node thread, with the outbox of updates that leave together as one
 parcel. Readers of the local map use a lock too (`entanglement.replica`).
@@ -114,7 +114,8 @@ class BusNode:
         self._sub: zmq.Socket | None = None
         self._dealer: zmq.Socket | None = None
         self._poller = zmq.Poller()
-        # Caller -> node thread pipe (used by `Outbound`): b"F" flush the outbox, b"S" stop.
+        # Caller -> node thread pipe (used by `Outbound`): b"F" wakes the thread to flush the
+        # outbox or to see `_stopping` (a flag, not a message: the pipe may be full of wake-ups).
         addr = f"inproc://node-pipe-{uuid.uuid4().hex}"
         made: list[zmq.Socket] = []
         try:
@@ -141,11 +142,16 @@ class BusNode:
             raise
         self._out = Outbound(agent_id, config, push, pipe_out, self._counters)
         self._closed = False
-        self._close_in_thread = False  # close() was called from the node thread (a callback)
+        self._stopping = threading.Event()  # close() was called: both threads end
+        # Who finishes closing (the outbound, the context): close() itself, unless the node thread
+        # is still running then (close() came from a callback, or the thread did not stop in
+        # time); then the thread does, as it ends. Both read and write these under _handover.
+        self._handover = threading.Lock()
+        self._close_in_thread = False
+        self._thread_ended = False
         self._thread = threading.Thread(target=self._run, name=f"bus-node-{agent_id}", daemon=True)
-        self._thread.start()
-        self._beats_stop = threading.Event()
         self._beats = threading.Thread(target=self._beat, name=f"bus-beat-{agent_id}", daemon=True)
+        self._thread.start()  # a callback may call close() from here on: everything it uses exists
         self._beats.start()
 
     # -- caller API -------------------------------------------------------------------------
@@ -237,24 +243,34 @@ class BusNode:
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread and close every socket (and the context, if the node made it).
 
+        What the node sent is still delivered: the PUSH socket lingers up to
+        ``min(timeout, config.hub_timeout)`` seconds for updates ZeroMQ has not yet written.
         Called from an `on_update` callback (the node thread itself), it asks the thread to
-        stop and returns at once; the thread closes everything when the callback returns."""
+        stop and returns at once; the thread closes everything when the callback returns. A
+        thread that does not stop within `timeout` (stuck in a callback) raises `NodeError`;
+        the thread then closes everything itself when it ends."""
         if self._closed:
             return
         self._closed = True
-        self._beats_stop.set()
+        self._stopping.set()
         if threading.current_thread() is self._thread:
-            self._close_in_thread = True  # the loop sees it when the callback returns (no pipe: it may be full)
+            with self._handover:
+                self._close_in_thread = True  # the loop sees _stopping when the callback returns
             return
+        self._out.wake()
         self._beats.join(timeout)
-        if self._thread.is_alive():
-            self._out.stop()
-            self._thread.join(timeout)
-        self._out.close()  # sends what a publish racing with close() queued
-        if self._thread.is_alive():
-            raise NodeError(f"node {self.agent_id!r} thread did not stop within {timeout}s")
+        self._thread.join(timeout)
+        with self._handover:
+            self._close_in_thread = not self._thread_ended
+        if self._close_in_thread:
+            raise NodeError(f"node {self.agent_id!r} thread did not stop within {timeout}s (an "
+                            "on_update callback still running?); it closes the node's sockets when it ends")
+        self._finish_close(min(timeout, self.config.hub_timeout))
+
+    def _finish_close(self, linger: float) -> None:
+        self._out.close(linger)  # sends what a publish racing with close() queued
         if self._own_context:
-            self.context.term()
+            self.context.term()  # waits (up to the linger) for what the PUSH socket still holds
 
     def __enter__(self) -> BusNode:
         return self
@@ -295,10 +311,11 @@ class BusNode:
                 if sock is not None:
                     sock.close(linger=0)
             self._set_state(NodeState.CLOSED)
-            if self._close_in_thread:  # close() came from a callback: finish it here
-                self._out.close()
-                if self._own_context:
-                    self.context.term()
+            with self._handover:
+                self._thread_ended = True
+                finish = self._close_in_thread
+            if finish:  # close() came from a callback, or gave up waiting: finish it here
+                self._finish_close(self.config.hub_timeout)
 
     def _beat(self) -> None:
         """The heartbeat thread: "$heartbeat" to the hub every heartbeat_interval while the node
@@ -316,7 +333,7 @@ class BusNode:
                 return
             if not beat:
                 self._counters.heartbeats_held += 1
-            if self._beats_stop.wait(interval):
+            if self._stopping.wait(interval):
                 return
 
     def _loop(self) -> None:
@@ -328,30 +345,30 @@ class BusNode:
             sub = self._sub
             if sub is not None and sub in events:
                 self._heard = now  # the hub is heard, even if this thread was late to read it
-            if self._pipe_in in events and self._on_pipe():
+            if self._pipe_in in events:
+                self._on_pipe()
+            if self._stopping.is_set():
                 return
             # Read what waits on each readable socket (entanglement.drain: no zmq.Again per wake-up)
             if sub is not None and sub in events:
                 budget = _DRAIN  # updates, not messages: a batch may carry thousands
                 for frames in drain(sub, _DRAIN, multipart=True):
                     budget -= self._on_sub(frames)
-                    if budget <= 0 or self._close_in_thread:
+                    if budget <= 0 or self._stopping.is_set():
                         break
             dealer = self._dealer
             if dealer is not None and dealer in events:
                 for frame in drain(dealer, _DRAIN):
                     self._on_snapshot(frame)
             self._check_timers(now)  # as of the wake-up: time spent in callbacks is not silence
-            if self._close_in_thread:  # close() from a callback: `_run` closes (and flushes) the outbound
+            if self._stopping.is_set():  # close() (from a callback too): the outbound is closed, and flushed, after
                 return
 
-    def _on_pipe(self) -> bool:
-        """Handle the pipe's commands; True on the stop request (the outbox is sent first)."""
-        stop = False
-        for command in drain(self._pipe_in, _DRAIN):
-            stop |= command == b"S"
+    def _on_pipe(self) -> None:
+        """Take the pipe's wake-ups and send the outbox."""
+        for _ in drain(self._pipe_in, _DRAIN):
+            pass
         self._out.flush()
-        return stop
 
     def _check_timers(self, now: float) -> None:
         if self._state is NodeState.CONNECTING:

@@ -13,7 +13,8 @@ thread has left waiting longer than `coalesce` (it is busy, e.g. in a slow `on_u
 with the next publish or, when none comes, the next heartbeat (the heartbeat thread's): a busy
 node thread holds its agent's updates back by at most `coalesce + heartbeat_interval`. Waking the node thread never blocks
 (a full pipe already holds a wake-up; an ended thread has nothing to wake), so no caller can
-hang holding the lock. Order is kept either way:
+hang holding the lock. Stopping is not a pipe message (a pipe filled by wake-ups while the node
+thread sat in a callback could not take it): the node sets a flag and wakes the thread. Order is kept either way:
 anything sent directly after the outbox filled up sends the outbox first.
 """
 
@@ -47,7 +48,7 @@ class Outbound:
         self.config = config
         self.lock = threading.Lock()
         self._push = push
-        self._wake = wake  # the node thread's pipe: b"F" flush the outbox, b"S" stop
+        self._wake = wake  # the node thread's pipe: b"F" wakes it to flush the outbox (or to see a stop)
         self._counters = counters
         self._own: dict[str, bytes] = {}  # key -> latest body published (for re-sending)
         self._outbox: list[bytes] = []
@@ -87,14 +88,16 @@ class Outbound:
     # -- node thread ------------------------------------------------------------------------
 
     def flush(self) -> bool:
-        """Send the outbox now (the node thread, on its pipe's b"F")."""
+        """Send the outbox now (the node thread, on its pipe's b"F"); False once closed."""
         with self.lock:
-            return self._flush()
+            return not self.closed and self._flush()
 
     def resend(self, keys: Iterable[str]) -> int:
         """Send the outbox, then the latest body of each of `keys` this node still holds (a
         deleted key is forgotten, so it is never re-sent); returns how many were re-sent."""
         with self.lock:
+            if self.closed:
+                return 0
             self._flush()  # older than the re-sent keys: it goes first
             bodies = [self._own[k] for k in keys if k in self._own]
             return sum(self._send(body, updates=1) for body in bodies)
@@ -107,20 +110,25 @@ class Outbound:
             own = list(self._own)
         return self.resend([k for k in own if not present(k)])
 
-    def stop(self) -> None:
-        """Ask the node thread to stop (it sends the outbox first)."""
+    def wake(self) -> None:
+        """Wake the node thread (best effort: a full pipe already holds a wake-up), e.g. to see
+        that the node is stopping."""
         with self.lock:
             if not self.closed:
-                self._wake_node(b"S")
+                self._wake_node(b"F")
 
-    def close(self) -> None:
-        """Send what is still queued, then close both sockets; publishing returns None after."""
+    def close(self, linger: float) -> None:
+        """Send what is still queued, then close both sockets; publishing returns None after.
+
+        The PUSH socket lingers up to `linger` seconds: updates ZeroMQ has taken but not yet
+        written (a large CURVE frame takes a while) still leave, unless the hub does not take
+        them in that time. Closing the context (`zmq.Context.term`) is what waits for them."""
         with self.lock:
             if self.closed:
                 return
             self._flush()
             self._wake.close(linger=0)
-            self._push.close(linger=0)
+            self._push.close(linger=max(0, round(linger * 1000)))
             self.closed = True
 
     # -- under the lock ---------------------------------------------------------------------
@@ -157,14 +165,10 @@ class Outbound:
         """Tell the node thread ``command`` without ever blocking under the lock: a full pipe
         already holds a wake-up, and a node thread that has ended (its pipe end closed) has
         nothing to wake; whatever waits in the outbox then leaves with ``close()``."""
-        tries = 100 if command == b"S" else 1  # a stop must arrive: let a draining thread make room
-        for attempt in range(tries):
-            try:
-                self._wake.send(command, zmq.NOBLOCK)
-                return
-            except zmq.Again:  # full (wake-ups queued already: the flush will run) or no thread
-                if attempt + 1 < tries:
-                    time.sleep(0.01)
+        try:
+            self._wake.send(command, zmq.NOBLOCK)
+        except (zmq.Again, zmq.ContextTerminated):  # full (a wake-up waits already), or no thread
+            pass
 
     def _flush(self) -> bool:
         """Send the outbox as one parcel (one body goes alone)."""

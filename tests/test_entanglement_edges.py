@@ -7,10 +7,11 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 import zmq
 
-from entanglement import BusConfig, BusEndpoints, BusHub, BusNode, ConfigError, MessageLimits, NodeState
+from entanglement import BusConfig, BusEndpoints, BusHub, BusNode, ConfigError, MessageLimits, NodeState, encode_phases
 from entanglement.message import encode_update
 from entanglement.security import SHARED_CLIENT, SecurityError
 from entanglement.testing import fixed_tcp_endpoints, wait_until
@@ -196,3 +197,62 @@ def test_heartbeats_resume_with_a_restarted_hub_and_keep_the_node_alive() -> Non
         node.close()
         if hub2 is not None:
             hub2.stop()
+
+
+def test_close_delivers_large_updates_it_just_sent() -> None:
+    """Updates ZeroMQ has queued but not yet written (large CURVE frames) still reach the hub
+    when the node is closed right after publishing them: close() lingers on its PUSH socket
+    (up to hub_timeout) instead of discarding them."""
+    hub = BusHub(BusConfig(endpoints=BusEndpoints.tcp(), **FAST)).start()
+    big = encode_phases(np.zeros(200_000, dtype=np.float32))  # 800 KB each, under the frame limit
+    try:
+        for round_ in range(3):
+            node = BusNode(f"a{round_}", hub.config, hub.credentials())
+            assert node.wait_active(5)
+            for j in range(8):
+                assert node.publish(f"k{j}", {"phases": big, "step": j})
+            node.close()
+            assert node.counters.sent - node.counters.restored == 8
+            keys = [f"agent/a{round_}/k{j}" for j in range(8)]
+            assert wait_until(lambda: all(k in hub.keys_snapshot() for k in keys), 5), \
+                sorted(k for k in hub.keys_snapshot() if k.startswith(f"agent/a{round_}/"))
+    finally:
+        hub.stop()
+
+
+def test_close_stops_a_node_whose_pipe_filled_while_its_callback_was_stuck() -> None:
+    """A callback blocked long enough for thousands of flush wake-ups to fill the node's pipe:
+    close() still stops the node once the callback returns (the stop is a flag, not a message
+    that can find the pipe full), and publishers are not held up meanwhile."""
+    hub = BusHub(BusConfig(security="none", endpoints=BusEndpoints.inproc(), **FAST)).start()
+    stuck, release = threading.Event(), threading.Event()
+
+    def callback(update) -> None:
+        if update.key == "agent/a/go" and update.payload is not None:
+            stuck.set()
+            release.wait(10)
+
+    a = BusNode("a", hub.config, context=hub.context)
+    b = BusNode("b", hub.config, context=hub.context, on_update=callback)
+    try:
+        assert a.wait_active(5) and b.wait_active(5)
+        a.publish("go", {"step": 1})
+        assert stuck.wait(5)
+        slowest = 0.0
+        for i in range(3000):  # each burst wakes the node thread once (b"F" on its pipe, which holds 2,000)
+            t = time.monotonic()
+            b.publish("x", {"step": i})
+            b.publish("y", {"step": i})
+            slowest = max(slowest, time.monotonic() - t)
+            time.sleep(0.0005)
+        assert slowest < 0.5  # no publish waits on a full pipe
+        threading.Timer(1.5, release.set).start()  # longer than any retry of a message into the pipe
+        t = time.monotonic()
+        b.close(timeout=5)
+        assert time.monotonic() - t < 4
+        assert not b._thread.is_alive() and b.node_state is NodeState.CLOSED
+    finally:
+        release.set()
+        b.close()
+        a.close()
+        hub.stop()
