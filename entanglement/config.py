@@ -64,6 +64,9 @@ class BusEndpoints:
         return any(ep.startswith("inproc://") for ep in (self.snapshot, self.publish, self.collect))
 
 
+MIN_FRAME_BYTES = 1000  # a bus's smallest max_frame_bytes: every control message fits (at most ~310 bytes)
+
+
 @dataclass(frozen=True)
 class MessageLimits:
     """Run-time limits of a bus (see `entanglement.message`). The limits of single values
@@ -123,6 +126,10 @@ class BusConfig:
             raise ConfigError("need snapshot_timeout > 0 and max_keys >= 1")
         if not 0 <= self.coalesce < self.heartbeat_interval:
             raise ConfigError(f"need 0 <= coalesce ({self.coalesce}) < heartbeat_interval")
+        if self.limits.max_array_len < 1 or self.limits.max_frame_bytes < MIN_FRAME_BYTES:
+            # smaller limits would make the hub's batches, or control messages, malformed everywhere
+            raise ConfigError(f"need limits.max_array_len >= 1 (got {self.limits.max_array_len}) and "
+                              f"limits.max_frame_bytes >= {MIN_FRAME_BYTES} (got {self.limits.max_frame_bytes})")
 
     def with_endpoints(self, endpoints: BusEndpoints) -> BusConfig:
         """A copy of this config with other endpoints."""

@@ -30,6 +30,11 @@ peers::
 
 With 0 <= lambda <= 1 this is a convex combination of s_a and the peers' states, so it never
 overshoots; lambda = 0 leaves the memory untouched.
+
+A peer whose phases or state hold NaN or inf is left out (P counts the peers used): one such
+value would otherwise spread to every agent, and the fold, which accumulates, would never shed
+it. The bus already refuses non-finite sedenion and coherence values; phases travel as raw
+float32 bytes, which it does not inspect.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ PeerPhases = Mapping[str, tuple[np.ndarray, float]]  # agent -> (phases (N,), ag
 
 class CouplingError(ValueError):
     """Shapes or parameters that the coupling rules cannot use."""
+
+
+def _finite(values: np.ndarray) -> bool:
+    return bool(np.isfinite(values).all())
 
 
 def staleness_weight(age_s: float, staleness_tau: float) -> float:
@@ -70,12 +79,15 @@ def external_field(
     field = np.zeros_like(own)
     if coupling == 0 or not peer_phases:
         return field
+    used = 0
     for agent, (phases, age) in peer_phases.items():
         theta = np.asarray(phases, dtype=np.float64)
         if theta.shape != own.shape:
             raise CouplingError(f"peer {agent!r} has phases of shape {theta.shape}, own {own.shape}")
-        field += staleness_weight(age, staleness_tau) * np.sin(theta - own)
-    return (coupling / len(peer_phases)) * field
+        if _finite(theta):
+            field += staleness_weight(age, staleness_tau) * np.sin(theta - own)
+            used += 1
+    return (coupling / used) * field if used else field
 
 
 def peer_mean_field(
@@ -88,14 +100,18 @@ def peer_mean_field(
     field = np.zeros((num_phases, 2), dtype=np.float64)
     if coupling == 0 or not peer_phases:
         return field.astype(np.float32)
+    used = 0
     for agent, (phases, age) in peer_phases.items():
         theta = np.asarray(phases, dtype=np.float64)
         if theta.shape != (num_phases,):
             raise CouplingError(f"peer {agent!r} has phases of shape {theta.shape}, expected ({num_phases},)")
+        if not _finite(theta):
+            continue
         w = staleness_weight(age, staleness_tau)
         field[:, 0] += w * np.cos(theta)
         field[:, 1] += w * np.sin(theta)
-    return ((coupling / len(peer_phases)) * field).astype(np.float32)
+        used += 1
+    return ((coupling / max(used, 1)) * field).astype(np.float32)
 
 
 def fold_sedenion(
@@ -113,12 +129,15 @@ def fold_sedenion(
     if weight == 0 or not peers:
         return state.copy()
     step = np.zeros(SEDENION_DIM)
+    used = 0
     for agent, (peer_state, age) in peers.items():
         s = np.asarray(peer_state, dtype=np.float64)
         if s.shape != (SEDENION_DIM,):
             raise CouplingError(f"peer {agent!r} sedenion has shape {s.shape}, expected (16,)")
-        step += staleness_weight(age, staleness_tau) * (s - state)
-    return state + (weight / len(peers)) * step
+        if _finite(s):
+            step += staleness_weight(age, staleness_tau) * (s - state)
+            used += 1
+    return state + (weight / used) * step if used else state.copy()
 
 
 def order_parameter(phases: np.ndarray) -> float:

@@ -31,6 +31,7 @@ keys, so the state heals without a second hub.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -41,7 +42,7 @@ from typing import TypeVar
 
 import zmq
 
-from entanglement.config import BusConfig, BusEndpoints, MessageLimits
+from entanglement.config import BusConfig, BusEndpoints, ConfigError, MessageLimits
 from entanglement.drain import drain, waiting
 from entanglement.message import (
     NODE_HEARTBEAT,
@@ -100,6 +101,9 @@ class BusHub:
         self._config = config or BusConfig()
         if self._config.security == "curve":
             keys = keys or BusKeys.generate()
+        elif keys is not None:  # they would turn CURVE on while the config, handed to nodes, says "none"
+            raise ConfigError("keys were given but the config's security is 'none': drop the keys, "
+                              "or use BusConfig(security='curve')")
         self.keys = keys
         self._own_context = context is None
         # Two I/O threads: CURVE encryption of the fan-out to every node happens there.
@@ -301,7 +305,7 @@ class BusHub:
         # CURVE: each collected message says whose credential sent it (no handshake over inproc)
         bound = self._zap is not None and not self._resolved.collect.startswith("inproc://")
         while True:
-            wait_ms = max(0.0, (next_tick - time.monotonic()) * 1000.0)
+            wait_ms = max(0, math.ceil((next_tick - time.monotonic()) * 1000.0))  # zmq truncates: no 0 ms spins
             events = dict(poller.poll(wait_ms))
             if pipe in events:
                 if pipe.recv() == b"stop":

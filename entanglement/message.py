@@ -120,6 +120,15 @@ class MalformedMessage(ValueError):
     """A frame is not a valid `StateUpdate` (bad msgpack, wrong types, too large, ...)."""
 
 
+def _all_finite(values: list[float]) -> bool:
+    """Whether every value is finite; values that are not numbers (a hand-built payload) pass
+    here and are reported by the schema check that follows."""
+    try:
+        return math.isfinite(sum(values)) or all(map(math.isfinite, values))  # a finite sum: all finite
+    except TypeError:
+        return True
+
+
 class StatePayload(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True, gc=False):
     """What an agent shares under one key (module docstring: fields and limits).
 
@@ -144,6 +153,11 @@ class StatePayload(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unkno
     def __post_init__(self) -> None:
         if self.phases is not None and len(self.phases) % 4:
             raise ValueError(f"phases: {len(self.phases)} bytes is not a multiple of 4")
+        # NaN or inf would spread to every peer's memory and never wash out (a fold accumulates)
+        if type(self.coherence) is float and not math.isfinite(self.coherence):
+            raise ValueError(f"coherence must be finite, got {self.coherence!r}")
+        if self.sedenion is not None and not _all_finite(self.sedenion):
+            raise ValueError("sedenion values must be finite")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> StatePayload:

@@ -45,6 +45,7 @@ from entanglement.config import BusConfig, ConfigError
 from entanglement.drain import drain
 from entanglement.message import (
     BATCH_OVERHEAD,
+    NODE_HEARTBEAT,
     SNAPSHOT_END,
     SNAPSHOT_REQUEST,
     MalformedMessage,
@@ -83,6 +84,11 @@ class BusNode:
         Clone-style subtrees are not offered, as gap detection needs every sequence number."""
         if not agent_id or "/" in agent_id:
             raise ConfigError(f"agent id must be non-empty without '/', got {agent_id!r}")
+        try:  # what the node's own control messages need (e.g. at most 256 characters)
+            make_update(agent_id, NODE_HEARTBEAT, None)
+        except MalformedMessage as exc:
+            shown = agent_id if len(agent_id) <= 40 else agent_id[:40] + "..."
+            raise ConfigError(f"agent id {shown!r} is not valid on the bus: {exc}") from exc
         if config.security == "curve" and credentials is None:
             raise SecurityError(
                 "security is 'curve' but no credentials were given; pass hub/run credentials "

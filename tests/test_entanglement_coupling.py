@@ -21,6 +21,8 @@ from entanglement import (
     staleness_weight,
 )
 
+from entanglement.coupling import peer_mean_field  # the model-side form
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -68,6 +70,19 @@ def test_sedenion_fold_is_a_convex_step() -> None:
     np.testing.assert_array_equal(fold_sedenion(own + 5, peers, 0.0), own + 5)
     half = fold_sedenion(own, {"b": (np.ones(16), math.log(2))}, 1.0, staleness_tau=1.0)
     np.testing.assert_allclose(half, 0.5)
+
+
+def test_a_peer_with_non_finite_values_is_left_out() -> None:
+    """One NaN would spread to every agent and, through the accumulating fold, stay for good."""
+    own = np.zeros(16)
+    good = {"b": (np.ones(16), 0.0)}
+    bad = {**good, "c": (np.full(16, np.nan), 0.0), "d": (np.r_[np.inf, np.zeros(15)], 0.0)}
+    np.testing.assert_array_equal(fold_sedenion(own, bad, 0.5), fold_sedenion(own, good, 0.5))
+    np.testing.assert_array_equal(fold_sedenion(own, {"c": bad["c"]}, 0.5), own)
+    theta = np.linspace(0, 1, 16)
+    np.testing.assert_array_equal(external_field(theta, bad, 0.7), external_field(theta, good, 0.7))
+    np.testing.assert_array_equal(peer_mean_field(bad, 0.7, 16), peer_mean_field(good, 0.7, 16))
+    assert np.all(np.isfinite(peer_mean_field({"c": bad["c"]}, 0.7, 16)))
 
 
 def test_order_parameters() -> None:

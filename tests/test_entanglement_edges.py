@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import zmq
 
-from entanglement import BusConfig, BusEndpoints, BusHub, BusNode, ConfigError, MessageLimits, NodeState, encode_phases
+from entanglement import (BusConfig, BusEndpoints, BusHub, BusKeys, BusNode, ConfigError, MessageLimits, NodeState,
+                          encode_phases)
 from entanglement.message import encode_update
 from entanglement.security import SHARED_CLIENT, SecurityError
 from entanglement.testing import fixed_tcp_endpoints, wait_until
@@ -255,4 +256,18 @@ def test_close_stops_a_node_whose_pipe_filled_while_its_callback_was_stuck() -> 
         release.set()
         b.close()
         a.close()
+        hub.stop()
+
+
+def test_inconsistent_or_unusable_settings_are_refused_up_front() -> None:
+    with pytest.raises(ConfigError, match="security is 'none'"):  # keys would turn CURVE on anyway
+        BusHub(BusConfig(security="none"), keys=BusKeys.generate())
+    for limits in (MessageLimits(max_array_len=0), MessageLimits(max_frame_bytes=200)):
+        with pytest.raises(ConfigError, match="limits"):
+            BusConfig(limits=limits)
+    hub = BusHub(BusConfig(security="none", endpoints=BusEndpoints.inproc(), **FAST)).start()
+    try:
+        with pytest.raises(ConfigError, match="agent id"):  # its own heartbeat could not be sent
+            BusNode("x" * 300, hub.config, context=hub.context)
+    finally:
         hub.stop()

@@ -51,7 +51,7 @@ payloads = st.builds(
         k: v for k, v in dict(phases=phases, sedenion=sedenion, coherence=coherence, step=step,
                               **extra).items() if v is not None},
     st.none() | st.binary(max_size=64).map(lambda b: b[: len(b) // 4 * 4]),
-    st.none() | st.lists(st.floats(allow_nan=False), min_size=16, max_size=16),
+    st.none() | st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=16, max_size=16),
     st.none() | st.floats(0, 1), st.none() | st.integers(0, 2**63 - 1), extras,
 )
 
@@ -156,7 +156,8 @@ def test_frame_limit_is_applied_before_decoding() -> None:
 
 def test_make_update_rejects_what_unpack_would() -> None:
     for payload in ({"o": object()}, {"step": 1.5}, {"i": 1 << 64}, {"sedenion": [1.0]},
-                    {"s": "y" * 1025}):
+                    {"s": "y" * 1025}, {"coherence": float("nan")}, {"sedenion": [0.0] * 15 + [float("inf")]},
+                    {"sedenion": [float("nan")] + [0.0] * 15}):
         with pytest.raises(MalformedMessage):
             make_update("a", "agent/a/x", payload)
     for key in ("not-a-key", "$evil", "agent/" + "a" * 300 + "/x"):
@@ -330,3 +331,18 @@ def test_parcel_limits() -> None:
         unpack_parcel(pack_parcel([body] * 5), MessageLimits(max_array_len=4))
     with pytest.raises(MalformedMessage, match="exceeds"):
         unpack_parcel(pack_parcel([body] * 5), MessageLimits(max_frame_bytes=len(body) * 4))
+
+
+def test_non_finite_shared_state_on_the_wire_is_malformed() -> None:
+    """A NaN in a sedenion or a coherence that reached the wire (another implementation, a
+    corrupted frame) is refused like any malformed value, not handed to the coupling; finite
+    values whose sum overflows are still accepted."""
+    frame = pack(make_update("a", "agent/a/memory", {"sedenion": [1.5] * 16, "coherence": 0.25}))
+    one_and_a_half, quarter = b"\xcb" + np.float64(1.5).byteswap().tobytes(), b"\xcb" + np.float64(0.25).byteswap().tobytes()
+    nan = b"\xcb" + np.float64("nan").byteswap().tobytes()
+    assert frame.count(one_and_a_half) == 16 and frame.count(quarter) == 1
+    for bad in (frame.replace(one_and_a_half, nan, 1), frame.replace(quarter, nan)):
+        with pytest.raises(MalformedMessage, match="finite"):
+            unpack(bad)
+    huge = make_update("a", "agent/a/memory", {"sedenion": [1.7e308] * 16})
+    assert unpack(pack(huge)).payload.sedenion == [1.7e308] * 16
