@@ -86,7 +86,9 @@ class BusConfig:
         trust boundary there is the process (nodes must share the hub's context).
     hwm: send and receive high-water mark of every data socket (messages; on PUB one message is
         a batch of updates, see `entanglement.message`). PUB drops above it; the sequence
-        numbers make such drops visible to nodes as gaps, which trigger a re-sync.
+        numbers make such drops visible to nodes as gaps, which trigger a re-sync. It counts
+        messages, not bytes: a queue for a subscriber that stopped reading can grow to
+        hwm x limits.max_frame_bytes in the worst case (large batches under load).
     heartbeat_interval: seconds between hub heartbeats (on PUB) and node heartbeats (to the hub).
     hub_timeout: a node that hears nothing from the hub for this long re-connects and re-syncs.
     ttl: the hub expires all keys of an agent whose heartbeats stopped for this long.
