@@ -526,7 +526,7 @@ class BusNode:
         # what the hub lacks (lost in a restart or expired, or still on its way there: an update
         # published just before this snapshot): send it again, after the outbox. Every re-send
         # counts in restored, so sent - restored is the number of updates the caller published.
-        self._counters.restored += self._out.resend_missing(self._replica.__contains__)
+        self._out.resend_missing(self._replica.__contains__)  # counted in restored
 
     def _apply(self, msg: StateUpdate) -> None:
         self._replica.apply(msg)
@@ -544,10 +544,9 @@ class BusNode:
             return
         lost = [m.key for m in applied if m.payload is None and m.agent == self.agent_id]
         if lost:
-            restored = self._out.resend(lost)
+            restored = self._out.resend(lost)  # counted in restored
             if restored:
                 log.debug("node %r: the hub deleted %d own keys, re-sent them", self.agent_id, restored)
-                self._counters.restored += restored
 
     def _activate(self) -> None:
         self._state = NodeState.ACTIVE  # called by the replica under its lock

@@ -39,7 +39,9 @@ from entanglement.message import (
 class Outbound:
     """The PUSH socket to the hub, the outbox and the node's own latest bodies (module docstring).
 
-    `sent` and `send_failed` of `counters` (a `NodeCounters`) are kept here.
+    `sent`, `send_failed` and `restored` of `counters` (a `NodeCounters`) are kept here, under
+    the lock. A re-send that ZeroMQ refuses (`hwm` messages already wait for the hub) is tried
+    again with each heartbeat until it leaves or the key is published anew or deleted.
     """
 
     def __init__(self, agent_id: str, config: BusConfig, push: zmq.Socket, wake: zmq.Socket,
@@ -51,6 +53,7 @@ class Outbound:
         self._wake = wake  # the node thread's pipe: b"F" wakes it to flush the outbox (or to see a stop)
         self._counters = counters
         self._own: dict[str, bytes] = {}  # key -> latest body published (for re-sending)
+        self._unsent: dict[str, None] = {}  # own keys whose re-send ZeroMQ refused, in order
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
         self._outbox_since = 0.0  # monotonic time the oldest update in the outbox joined it
@@ -66,6 +69,7 @@ class Outbound:
         with self.lock:
             if self.closed:
                 return None
+            self._unsent.pop(key, None)  # this body supersedes the one that failed to leave
             if deleting:
                 self._own.pop(key, None)
             else:
@@ -75,13 +79,15 @@ class Outbound:
     def heartbeat(self, beat: bool) -> bool:
         """Send the outbox if the node thread has left it waiting longer than `coalesce` (it is
         busy, and no publish came to send it), then a "$heartbeat" unless `beat` is false (the
-        hub is silent); False once closed."""
+        hub is silent), and again any re-send ZeroMQ refused before; False once closed."""
         with self.lock:
             if self.closed:
                 return False
             if self._stale(time.monotonic()):
                 self._flush()
             if beat:
+                if self._unsent:  # before the beat: it may be the one message the queue still takes
+                    self._resend(list(self._unsent))
                 self._send(encode(make_update(self.agent_id, NODE_HEARTBEAT, None)), updates=0)
             return True
 
@@ -94,13 +100,13 @@ class Outbound:
 
     def resend(self, keys: Iterable[str]) -> int:
         """Send the outbox, then the latest body of each of `keys` this node still holds (a
-        deleted key is forgotten, so it is never re-sent); returns how many were re-sent."""
+        deleted key is forgotten, so it is never re-sent); returns how many were re-sent (each
+        counts in `restored`)."""
         with self.lock:
             if self.closed:
                 return 0
             self._flush()  # older than the re-sent keys: it goes first
-            bodies = [self._own[k] for k in keys if k in self._own]
-            return sum(self._send(body, updates=1) for body in bodies)
+            return self._resend(keys)
 
     def resend_missing(self, present: Callable[[str], bool]) -> int:
         """`resend` of every own key for which `present(key)` is false (after a snapshot).
@@ -156,6 +162,20 @@ class Outbound:
         if len(self._outbox) == 1:
             self._wake_node(b"F")  # wake the node thread: it sends the outbox when it runs
         return sent
+
+    def _resend(self, keys: Iterable[str]) -> int:
+        done = 0
+        for key in keys:
+            body = self._own.get(key)
+            if body is None:
+                self._unsent.pop(key, None)
+            elif self._send(body, updates=1):
+                self._unsent.pop(key, None)
+                done += 1
+            else:
+                self._unsent[key] = None  # the heartbeat tries again
+        self._counters.restored += done
+        return done
 
     def _stale(self, now: float) -> bool:
         """Whether the outbox holds updates the node thread has left waiting longer than `coalesce`."""

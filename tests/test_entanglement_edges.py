@@ -271,3 +271,37 @@ def test_inconsistent_or_unusable_settings_are_refused_up_front() -> None:
             BusNode("x" * 300, hub.config, context=hub.context)
     finally:
         hub.stop()
+
+
+def test_a_refused_re_send_is_tried_again_with_the_heartbeat() -> None:
+    """A key the hub lost is re-sent; when ZeroMQ refuses that (`hwm` messages already wait
+    for the hub), the heartbeat tries it again until it leaves, and it counts once in restored."""
+    from entanglement.node_types import NodeCounters
+    from entanglement.outbound import Outbound
+
+    ctx = zmq.Context()
+    endpoint = fixed_tcp_endpoints().collect
+    push, wake = ctx.socket(zmq.PUSH), ctx.socket(zmq.PAIR)
+    push.sndhwm, push.linger, wake.linger = 1, 0, 0
+    push.connect(endpoint)  # nobody listens yet: the queue holds one message
+    counters = NodeCounters()
+    out = Outbound("a", BusConfig(security="none", coalesce=0.0, **FAST), push, wake, counters)
+    pull = None
+    try:
+        assert out.publish("agent/a/k", b"K", deleting=False)  # fills the queue
+        assert out.publish("agent/a/other", b"O", deleting=False) is False
+        assert out.resend(["agent/a/k"]) == 0 and counters.restored == 0  # refused: remembered
+        pull = ctx.socket(zmq.PULL)
+        pull.linger = 0
+        pull.bind(endpoint)
+        assert pull.poll(5000) and pull.recv() == b"K"  # the queued publish
+        assert wait_until(lambda: out.heartbeat(True) and counters.restored == 1, 5)
+        frames = [pull.recv() for _ in range(2) if pull.poll(2000)]
+        assert b"K" in frames  # the re-send, beside a heartbeat
+        out.heartbeat(True)
+        assert counters.restored == 1  # not sent again once it left
+    finally:
+        out.close(0)
+        if pull is not None:
+            pull.close(linger=0)
+        ctx.term()
