@@ -141,8 +141,11 @@ class ResoLLMModel(CognitionMixin, nn.Module):
         if targets is not None:
             if last_only:
                 targets = targets[:, -1:]
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            flat = targets.reshape(-1)
+            # mean over the trained tokens, 0 (with a zero gradient) when every target is ignored:
+            # a plain mean would be 0/0 = NaN for a block of user text under assistant-only masks
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX,
+                                   reduction="sum") / (flat != IGNORE_INDEX).sum().clamp(min=1)
         return ModelOutput(logits=logits, loss=loss, hidden=hidden, phases=theta, traces=traces)
 
     @staticmethod

@@ -57,8 +57,9 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str |
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    # None: a step (or an evaluation) without a trained token, which has no loss
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)

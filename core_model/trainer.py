@@ -25,8 +25,10 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .data import PackedData, batch_indices, eval_batches, steps_per_epoch
+from .model import IGNORE_INDEX
 from .train_metrics import MetricsLog, Progress, plot_loss_curve
 from .train_state import (
     gather_rng_states,
@@ -139,7 +141,7 @@ class TrainSummary:
     tokens_per_s: float
     elapsed_s: float
     out_dir: str
-    losses: list[tuple[int, float]]  # (step, loss) of every step run by this call
+    losses: list[tuple[int, float | None]]  # (step, loss) of every step run by this call (None: no trained token)
 
 
 class LossOnly(torch.nn.Module):
@@ -179,26 +181,35 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: PackedData, batch_size: int = 8, max_batches: int | None = None,
              device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-             autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over fixed batches (sharded and summed across ranks)."""
+             autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, float | None]:
+    """Token-weighted mean loss and perplexity over fixed batches (sharded and summed across ranks).
+
+    The loss is the summed cross-entropy of every trained target divided by their number; batches
+    without a trained target (all user text under an assistant-only mask) are skipped. When no
+    batch has one, ``eval_loss`` and ``eval_ppl`` are None (``eval_tokens`` is 0).
+    """
     was_training = model.training
     model.eval()
     total_loss, total_tokens, started = 0.0, 0, time.perf_counter()
     try:
         for idx in eval_batches(len(data), batch_size, max_batches, rank, world_size):
             x, y = data.batch(idx)
+            n = int((y != IGNORE_INDEX).sum())
+            if n == 0:
+                continue
             x, y = x.to(device), y.to(device)
             with autocast() if autocast else contextlib.nullcontext():
-                out = model(x, y)
-            n = int((y != -100).sum())
-            total_loss += float(out.loss) * n
+                logits = model(x).logits
+            total_loss += float(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1),
+                                                ignore_index=IGNORE_INDEX, reduction="sum"))
             total_tokens += n
     finally:
         model.train(was_training)
     total_loss, total_tokens_f, elapsed = _all_reduce_sum([total_loss, float(total_tokens),
                                                            time.perf_counter() - started], torch.device(device))
-    loss = total_loss / max(total_tokens_f, 1.0)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(total_tokens_f),
+    loss = total_loss / total_tokens_f if total_tokens_f > 0 else None
+    return {"eval_loss": loss, "eval_ppl": None if loss is None else math.exp(min(loss, 50.0)),
+            "eval_tokens": int(total_tokens_f),
             "eval_tokens_per_s": total_tokens_f / max(elapsed / max(world_size, 1), 1e-9)}
 
 
@@ -283,29 +294,35 @@ class Trainer:
         return self.step
 
     # --- the loop --------------------------------------------------------------------
-    def _train_step(self) -> tuple[float, float, float]:
-        """One optimizer step; returns (loss, grad norm before clipping, learning rate used)."""
+    def _train_step(self) -> tuple[float | None, float, float]:
+        """One optimizer step; returns (loss, grad norm before clipping, learning rate used).
+
+        The loss is the mean of the micro-batches' token means, over the micro-batches that hold a
+        trained target (a micro-batch without one adds a zero loss and a zero gradient: the model's
+        loss is 0 there). When none does, the gradient is zero, the optimizer still steps (the data
+        position and schedule advance) and the loss is None.
+        """
         self.net.train()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.zero_grad(set_to_none=True)
-        micro = self._micro_batches(self.step)
+        batches = [self.train_data.batch(idx) for idx in self._micro_batches(self.step)]
+        trained = sum(1 for _, y in batches if bool((y != IGNORE_INDEX).any()))
         loss_sum = 0.0
-        for i, idx in enumerate(micro):
-            x, y = self.train_data.batch(idx)
+        for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = i == len(micro) - 1
+            last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
             with sync:
                 with self._autocast() if self._autocast else contextlib.nullcontext():
-                    out = self.net(x, y)
-                    loss = (out if isinstance(out, torch.Tensor) else out.loss) / len(micro)
+                    out = self.net(x, y)  # every rank runs every backward: DDP syncs on the last one
+                    loss = (out if isinstance(out, torch.Tensor) else out.loss) / max(trained, 1)
                 loss.backward()
             loss_sum += float(loss.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return loss_sum, grad_norm, lr
+        return (loss_sum if trained else None), grad_norm, lr
 
     def run_eval(self) -> dict[str, float] | None:
         if self.eval_data is None:
@@ -322,16 +339,17 @@ class Trainer:
         if self.metrics is not None and self.step == 0:
             self.metrics.append({"step": 0, "event": "start", "total_steps": self.total_steps,
                                  "world_size": self.world_size, "parameters": self.model.num_parameters()})
-        losses: list[tuple[int, float]] = []
+        losses: list[tuple[int, float | None]] = []
         window: list[float] = []
         last_eval: dict[str, float] | None = None
         started = window_start = time.perf_counter()
-        first_step = self.step
+        first_step = window_step = self.step
         try:
             while self.step < end:
                 loss, grad_norm, lr = self._train_step()
                 losses.append((self.step, loss))
-                window.append(loss)
+                if loss is not None:
+                    window.append(loss)
                 if self.on_step_end is not None:
                     self.on_step_end(self.step)
                 is_log = self.step % cfg.log_interval == 0 or self.step == end
@@ -340,12 +358,16 @@ class Trainer:
                 row: dict[str, Any] | None = None
                 if is_log or is_eval or is_ckpt:
                     now = time.perf_counter()
-                    mean_loss = _all_reduce_sum([sum(window) / len(window)], self.device)[0] / self.world_size
+                    # the mean of the ranks' window means, over the ranks that trained on some token
+                    loss_total, ranks = _all_reduce_sum([sum(window) / len(window) if window else 0.0,
+                                                         1.0 if window else 0.0], self.device)
+                    mean_loss = loss_total / ranks if ranks else None
                     row = {"step": self.step, "epoch": round(self.step / self.data_position()["steps_per_epoch"], 4),
                            "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": tokens_per_step * len(window) / max(now - window_start, 1e-9),
+                           "tokens_per_s": tokens_per_step * (self.step - window_step)
+                           / max(now - window_start, 1e-9),
                            "elapsed_s": now - started}
-                    window, window_start = [], now
+                    window, window_start, window_step = [], now, self.step
                 if is_eval and self.eval_data is not None:
                     last_eval = self.run_eval()
                     row.update(last_eval)
@@ -353,14 +375,15 @@ class Trainer:
                     if self.metrics is not None:
                         self.metrics.append(_rounded(row))
                     self.sink.report(self.step, _rounded(row), self._writer() if is_ckpt else None)
-                progress.update(self.step, f"loss {loss:.3f}")
+                progress.update(self.step, "loss -" if loss is None else f"loss {loss:.3f}")
         finally:
             progress.close()
         elapsed = time.perf_counter() - started
         if self.is_main and cfg.plot and self.metrics is not None:
             plot_loss_curve(self.metrics.path, self.out_dir / "loss_curve.png")
         return TrainSummary(
-            step=self.step, total_steps=self.total_steps, final_loss=losses[-1][1] if losses else None,
+            step=self.step, total_steps=self.total_steps,
+            final_loss=next((loss for _, loss in reversed(losses) if loss is not None), None),
             eval_loss=None if last_eval is None else last_eval["eval_loss"],
             eval_ppl=None if last_eval is None else last_eval["eval_ppl"],
             tokens_per_s=tokens_per_step * (self.step - first_step) / max(elapsed, 1e-9),

@@ -186,9 +186,13 @@ def register(app: typer.Typer) -> None:
         result = evaluate(model, packed, batch_size, max_batches or None, dev, autocast=autocast)
         elapsed = time.perf_counter() - started
         report = {"checkpoint": str(checkpoint), "dataset": dataset, "rows": len(ds), "block_size": block,
-                  "loss": round(result["eval_loss"], 5), "perplexity": round(result["eval_ppl"], 3),
+                  "loss": _r(result["eval_loss"]),
+                  "perplexity": None if result["eval_ppl"] is None else round(result["eval_ppl"], 3),
                   "tokens": result["eval_tokens"], "tokens_per_s": round(result["eval_tokens"] / elapsed, 1),
                   "seconds": round(elapsed, 2)}
+        if result["eval_loss"] is None:
+            typer.echo("warning: the evaluated batches hold no trained token (with --assistant-only: no assistant "
+                       "reply), so loss and perplexity are undefined (null)", err=True)
         if as_json:
             sys.stdout.write(json.dumps(report) + "\n")
         else:

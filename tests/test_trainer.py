@@ -6,15 +6,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from core_model.checkpoint import load_checkpoint
 from core_model.config import ResoLLMConfig
-from core_model.data import prepare_data
+from core_model.data import PackedData, batch_indices, eval_batches, prepare_data
 from core_model.model import ResoLLMModel
 from core_model.train_state import STATE_FILE, latest_checkpoint, load_training_state
-from core_model.trainer import TrainConfig, Trainer, TrainError, lr_factor
+from core_model.trainer import TrainConfig, Trainer, TrainError, evaluate, lr_factor
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LLAMA2_1K = DATA / "guanaco-llama2-1k"
@@ -170,3 +171,64 @@ def test_cli_offline_hub_id_fails_fast_in_one_line(tmp_path, monkeypatch):
 def test_cli_eval_bad_checkpoint_exits_2(tmp_path):
     result = _cli(["eval", "--checkpoint", str(tmp_path), "--dataset", str(GUANACO_TEST)])
     assert result.exit_code == 2 and result.output.startswith("error: ")
+
+
+# --- batches without a trained token (assistant-only masks) ----------------------------------
+@pytest.fixture(scope="module")
+def assistant_bundle():
+    return prepare_data(str(LLAMA2_1K), str(GUANACO_TEST), block_size=32, assistant_only=True)
+
+
+def test_step_without_trained_tokens_has_no_loss_and_a_zero_gradient(assistant_bundle, tmp_path):
+    # with seed 3 and 2 blocks per step, step 22's blocks are all user text; eval batch 0 too
+    empty_step = 22
+    x, y = assistant_bundle.train.batch(batch_indices(len(assistant_bundle.train), 2, empty_step - 1, 3))
+    assert not (y != -100).any()
+    trainer = make_trainer(assistant_bundle, tmp_path, max_steps=empty_step + 1, batch_size=2, eval_batches=4,
+                           checkpoint_interval=100)
+    summary = trainer.fit()
+    losses = dict(summary.losses)
+    assert losses[empty_step] is None
+    assert all(math.isfinite(v) for s, v in losses.items() if s != empty_step)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert summary.final_loss == losses[empty_step + 1]
+    assert summary.eval_loss is not None and math.isfinite(summary.eval_loss)
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    assert rows[empty_step]["loss"] is None and rows[empty_step]["grad_norm"] == 0.0
+    assert math.isfinite(rows[empty_step + 1]["loss"])
+
+
+def test_evaluate_skips_batches_without_trained_tokens(assistant_bundle):
+    model = tiny_model(assistant_bundle.tokenizer.vocab_size)
+    x, y = assistant_bundle.eval.batch(next(iter(eval_batches(len(assistant_bundle.eval), 2, None))))
+    assert not (y != -100).any()  # the first batch of 2 holds no assistant text
+    result = evaluate(model, assistant_bundle.eval, batch_size=2, max_batches=4)
+    assert math.isfinite(result["eval_loss"]) and result["eval_tokens"] > 0
+    assert result["eval_ppl"] == pytest.approx(math.exp(result["eval_loss"]))
+    data = assistant_bundle.eval
+    nothing = PackedData(data.tokens[:33 * 4], np.zeros(33 * 4, dtype=bool), 32)
+    assert evaluate(model, nothing, batch_size=2) == {"eval_loss": None, "eval_ppl": None, "eval_tokens": 0,
+                                                      "eval_tokens_per_s": 0.0}
+
+
+def test_cli_eval_assistant_only_prints_valid_json(tmp_path):
+    from core_model.tokenizer import create_default_tokenizer
+
+    tokenizer = create_default_tokenizer()
+    torch.manual_seed(0)
+    ResoLLMModel(ResoLLMConfig(vocab_size=tokenizer.vocab_size, dim=32, num_layers=1, num_heads=1, num_phases=4,
+                               max_seq_len=64)).save(tmp_path / "ckpt", tokenizer)
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--assistant-only", "--block-size", "64",
+            "--batch-size", "1", "--json"]
+    result = _cli([*args, "--dataset", str(GUANACO_TEST), "--max-batches", "12"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])  # NaN would not parse
+    assert math.isfinite(report["loss"]) and report["perplexity"] == pytest.approx(math.exp(report["loss"]), rel=1e-3)
+    users = tmp_path / "users.jsonl"  # user turns only: nothing to learn under --assistant-only
+    users.write_text("".join(json.dumps({"text": f"### Human: question number {i}, about prime numbers?"}) + "\n"
+                             for i in range(20)))
+    none = _cli([*args, "--dataset", str(users)])
+    assert none.exit_code == 0, none.output
+    report = json.loads(none.stdout.strip().splitlines()[-1])
+    assert report["loss"] is None and report["perplexity"] is None and report["tokens"] == 0
+    assert "no trained token" in none.stderr
