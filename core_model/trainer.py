@@ -4,7 +4,7 @@
   (:meth:`ResoLLMModel.optimizer_param_groups`).
 - Linear warmup then cosine decay to ``min_lr_ratio * lr``, computed from the real number of
   optimizer steps (``max_steps``, or ``epochs`` x steps per epoch of the packed data).
-- Gradient clipping, gradient accumulation, bf16 autocast on CUDA.
+- Gradient clipping (``grad_clip <= 0``: none), gradient accumulation, bf16 autocast on CUDA.
 - Periodic evaluation (loss, perplexity) on fixed batches of the evaluation data.
 - Checkpoints (model + ``training_state.pt``) through a :class:`CheckpointSink`; a resumed run
   continues exactly: same batches (data order is a function of seed and step), same optimizer,
@@ -56,7 +56,7 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; <= 0: no clipping (the norm is still logged)
     eval_interval: int = 100
     eval_batches: int | None = 20  # per rank; None: the whole evaluation set
     log_interval: int = 10
@@ -318,7 +318,8 @@ class Trainer:
                     loss = (out if isinstance(out, torch.Tensor) else out.loss) / max(trained, 1)
                 loss.backward()
             loss_sum += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf  # inf: measure, never clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1

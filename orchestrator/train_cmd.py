@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         min_lr_ratio: float = typer.Option(0.1, min=0.0, max=1.0),
         warmup: int = typer.Option(100, min=0, help="Warmup steps (linear), then cosine decay."),
         weight_decay: float = typer.Option(0.1, min=0.0),
-        grad_clip: float = typer.Option(1.0, min=0.0),
+        grad_clip: float = typer.Option(1.0, min=0.0, help="Clip the gradient norm to this (0: no clipping)."),
         eval_interval: int = typer.Option(100, min=1),
         eval_batches: int = typer.Option(20, min=0, help="Evaluation batches per worker (0: the whole set)."),
         log_interval: int = typer.Option(10, min=1, help="Metrics row (and Ray report) every N steps."),

@@ -232,3 +232,12 @@ def test_cli_eval_assistant_only_prints_valid_json(tmp_path):
     report = json.loads(none.stdout.strip().splitlines()[-1])
     assert report["loss"] is None and report["perplexity"] is None and report["tokens"] == 0
     assert "no trained token" in none.stderr
+
+
+def test_grad_clip_zero_means_no_clipping(bundle, tmp_path):
+    unclipped = make_trainer(bundle, tmp_path / "zero", max_steps=3, grad_clip=0.0, dropout=0.0).fit()
+    huge = make_trainer(bundle, tmp_path / "huge", max_steps=3, grad_clip=1e9, dropout=0.0).fit()
+    clipped = make_trainer(bundle, tmp_path / "one", max_steps=3, grad_clip=1e-3, dropout=0.0).fit()
+    assert unclipped.losses == huge.losses != clipped.losses  # 0 trains like no clipping (not a zero gradient)
+    rows = [json.loads(line) for line in (tmp_path / "zero" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in rows if "loss" in r)
