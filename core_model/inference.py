@@ -19,7 +19,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from .cognition.decoding import CognitiveDecoder, generation_lock
+from .cognition.api import generation_lock
+from .cognition.decoding import CognitiveDecoder
 from .cognition.interactive import run_interactive
 from .cognition.stability import UNMONITORED
 from .config import ResoLLMConfig
@@ -88,18 +89,19 @@ class ResoLLMInference:
                  seed: int | None = None) -> None:
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model {model.config.vocab_size}")
-        if config is not None and config is not model.session.config:  # the model's own config applies too
-            if config.network_signature() != model.config.network_signature():
-                raise ValueError("config describes a different network than the model's "
-                                 f"({config.network_signature()} vs {model.config.network_signature()})")
-            model.session.apply_config(config)
+        with generation_lock(model):  # the session changes below wait for a generation running on the model
+            if config is not None and config is not model.session.config:  # the model's own config applies too
+                if config.network_signature() != model.config.network_signature():
+                    raise ValueError("config describes a different network than the model's "
+                                     f"({config.network_signature()} vs {model.config.network_signature()})")
+                model.session.apply_config(config)
+            model.attach_tokenizer(tokenizer)
+            if seed is not None:
+                model.session.seed = int(seed)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or model.config
         self.sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        model.attach_tokenizer(tokenizer)
-        if seed is not None:
-            model.session.seed = int(seed)
 
     @property
     def session(self):
@@ -129,7 +131,6 @@ class ResoLLMInference:
     def generate_ids(self, ids: list[int], max_length: int, params: SamplingParams | None = None,
                      seed: int | None = None, *, prompt: str = "", chat: bool = False, stop_at_eos: bool = True,
                      halt_on_instability: bool | None = None) -> GenerationResult:
-        session = self.session
         stops = set()
         if stop_at_eos:
             stops.add(self.tokenizer.eos_id)
@@ -139,6 +140,7 @@ class ResoLLMInference:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         ids = list(ids) or [self.tokenizer.bos_id]
         with generation_lock(self.model):  # the run and its commit to the session, one at a time
+            session = self.session  # the one in place once the lock is held (a load may replace it)
             seed = session.seed + session.turn if seed is None else seed
             active = {g.id: g for g in session.agency.active_goals()}
             trace = CognitiveDecoder(self.model, self.tokenizer).run(ids, max_length, params or self.sampling, seed,

@@ -189,3 +189,61 @@ def test_generations_on_one_model_from_two_threads_take_turns():
         assert [f["intensity"] for f in results[i].attention_summary] == \
             [f["intensity"] for f in expected[i].attention_summary]
     assert model.session.turn == 2
+
+
+def test_cognition_calls_from_another_thread_wait_for_a_generation(monkeypatch):
+    """recall_memory / encode_text from another thread while a greedy generation has its
+    stochastic-resonance noise on: the generation's tokens are those of a run alone (its noise and
+    noise generator stay its own), the encodings those taken with no generation running, and the
+    calls that change the session wait until the generation has ended."""
+    import threading
+
+    import numpy as np
+
+    from core_model.cognition import decoding
+    from core_model.cognition.api import encode_text
+
+    tok = create_default_tokenizer()
+    sr = StochasticResonanceConfig(enabled=True, noise_amplitude=2.0, repetition_threshold=0.0)
+    model = tiny(stochastic_resonance=sr)
+    engine = ResoLLMInference(model, tok, temperature=0.0, seed=3)
+    model.update_memory("The train leaves.", 1.0)
+    state = model.cognition_state()
+    clean = encode_text(model, "hello world")
+    alone = engine.generate("ab ab ab ab", max_length=60)
+    assert alone.noise_steps > 10
+    model.load_cognition_state(state)
+
+    stop, encodings, waiting, finished = threading.Event(), [], [], []
+
+    def other() -> None:
+        while not stop.is_set():
+            model.recall_memory("train")
+            encodings.append(encode_text(model, "hello world"))
+
+    changes = [model.reset_cognition, lambda: model.load_cognition_state(state),
+               lambda: model.create_goal("describe the trains")]
+    real_update = decoding.StochasticResonance.update
+
+    def update(self, repetition: float) -> bool:
+        on = real_update(self, repetition)
+        if on and not waiting:  # the noise is on in the FFNs now: the other threads start
+            waiting.append(threading.Thread(target=other))
+            waiting.extend(threading.Thread(target=change) for change in changes)
+            for t in waiting:
+                t.start()
+            for t in waiting:
+                t.join(0.3)  # before the fix they ran (and finished) here
+            finished.extend(t for t in waiting if not t.is_alive())
+        return on
+
+    monkeypatch.setattr(decoding.StochasticResonance, "update", update)
+    try:
+        during = engine.generate("ab ab ab ab", max_length=60)
+    finally:
+        stop.set()
+        for t in waiting:
+            t.join(60)
+    assert waiting and during.token_ids == alone.token_ids and during.noise_steps == alone.noise_steps
+    assert encodings and all(np.allclose(e, clean, rtol=0, atol=1e-6) for e in encodings)
+    assert not finished  # the calls that change the session ran after the generation

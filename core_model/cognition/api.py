@@ -10,7 +10,10 @@ the same matrix writes memory into the network (``memory_offset``) and reads tex
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -26,20 +29,51 @@ from .session import CognitiveSession
 if TYPE_CHECKING:
     from ..tokenizer import ResoTokenizer
 
+_R = TypeVar("_R")
+
 CALIBRATION_TEXT = (
     "The morning was quiet. People walked to work, talked about the weather and read the news. "
     "Some of them thought about numbers, some about music, and others about their plans for the day."
 )
 
 
+# --- one model, one user at a time ------------------------------------------------------------
+_locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def generation_lock(model) -> threading.RLock:
+    """The model's generation lock: generations on one model take turns (they share its session,
+    its attention probe and the stochastic-resonance noise they switch on in its FFNs), and so do
+    the cognition API's forwards (``hidden_states``) and its changes to the session. Reentrant:
+    a generation encodes with it held. Kept outside the module, so the model still pickles and
+    copies."""
+    with _locks_guard:
+        lock = _locks.get(model)
+        if lock is None:
+            lock = _locks[model] = threading.RLock()
+        return lock
+
+
+def _serialised(method: Callable[..., _R]) -> Callable[..., _R]:
+    """``method`` of the model, run with ``generation_lock(self)`` held (waits for a generation)."""
+    @functools.wraps(method)
+    def locked(self, *args: Any, **kwargs: Any) -> _R:
+        with generation_lock(self):
+            return method(self, *args, **kwargs)
+    return locked
+
+
 # --- text encoding with the model ---------------------------------------------------------
 @torch.no_grad()
 def hidden_states(model, ids: list[int]) -> torch.Tensor:
-    """Final hidden states (T, D) of ``ids`` (the last ``max_seq_len`` of them), eval mode."""
+    """Final hidden states (T, D) of ``ids`` (the last ``max_seq_len`` of them), eval mode. The
+    forward waits for a generation running on the model (``generation_lock``): it would otherwise
+    pick up that generation's stochastic-resonance noise and draw from its noise generator."""
     if not ids:
         raise CognitionError("cannot encode an empty text")
     ids = ids[-model.config.max_seq_len:]
-    with eval_mode(model):
+    with generation_lock(model), eval_mode(model):
         out = model(torch.tensor([ids], device=next(model.parameters()).device))
     return out.hidden[0].float()
 
@@ -135,7 +169,10 @@ def memory_offset(model) -> torch.Tensor | None:
 
 # --- the mixin --------------------------------------------------------------------------------
 class CognitionMixin:
-    """Goals, attention foci, concepts, stability and memory on the model (see module docstring)."""
+    """Goals, attention foci, concepts, stability and memory on the model (see module docstring).
+
+    The methods that change the session wait for a generation running on the model (they hold
+    ``generation_lock``), so a call from another thread never changes the state under it."""
 
     @property
     def session(self) -> CognitiveSession:
@@ -151,11 +188,13 @@ class CognitionMixin:
             raise TypeError(f"expected a CognitiveSession, got {type(value).__name__}")
         self.__dict__["_cognitive_session"] = value
 
+    @_serialised
     def attach_tokenizer(self, tokenizer: "ResoTokenizer") -> None:
         if tokenizer.vocab_size != self.config.vocab_size:
             raise CognitionError(f"tokenizer has {tokenizer.vocab_size} tokens, the model {self.config.vocab_size}")
         self.session.tokenizer = tokenizer
 
+    @_serialised
     def reset_cognition(self) -> None:
         """Clear goals, foci, concepts, memory and trackers (the weights are untouched)."""
         self.session.reset()
@@ -163,6 +202,7 @@ class CognitionMixin:
     def cognition_state(self) -> dict[str, Any]:
         return self.session.to_dict()
 
+    @_serialised
     def load_cognition_state(self, data: dict[str, Any]) -> None:
         """Restore the state ``cognition_state()`` returned (goals, memory, concepts, trackers,
         history); the settings (which components are on, their limits) stay the current ones."""
@@ -171,6 +211,7 @@ class CognitionMixin:
         self.session.tokenizer = tok
 
     # --- agency -------------------------------------------------------------------------
+    @_serialised
     def create_goal(self, description: str, goal_type: str = "exploratory", priority: float = 1.0) -> Goal:
         """A goal encoded with the model; it steers the next generations until achieved."""
         session = self.session
@@ -220,6 +261,7 @@ class CognitionMixin:
         return list(self.session.agency.foci)
 
     # --- PRSC -----------------------------------------------------------------------------
+    @_serialised
     def bind_concept(self, name: str, token_id: int | None = None, token_ids: list[int] | None = None) -> ConceptBinding:
         """Bind ``name`` to one token, several tokens, or (neither given) the tokens of ``name``."""
         session = self.session
@@ -230,6 +272,7 @@ class CognitionMixin:
             ids = session_tokenizer(self).encode(name)
         return session.concepts.bind(name, [int(t) for t in ids])
 
+    @_serialised
     def compose_concepts(self, *names: str) -> ConceptBinding:
         return self.session.concepts.compose(*names)
 
@@ -246,6 +289,7 @@ class CognitionMixin:
         return self.session.suggested_temperature(current_temp)
 
     # --- memory ---------------------------------------------------------------------------
+    @_serialised
     def update_memory(self, text: str, importance: float = 1.0) -> Moment:
         """Encode ``text`` on the 16 axes and store it at the current clock, episode and turn."""
         session = self.session
@@ -261,4 +305,5 @@ class CognitionMixin:
         return self.recall_memory(query, k)
 
 
-__all__ = ["CognitionMixin", "ConceptInput", "encode_text", "memory_offset", "memory_state", "reference_hidden"]
+__all__ = ["CognitionMixin", "ConceptInput", "encode_text", "generation_lock", "memory_offset", "memory_state",
+           "reference_hidden"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,20 +173,6 @@ class _AttentionProbe:
         self.attn.last_query = None
 
 
-_locks: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
-def generation_lock(model) -> threading.RLock:
-    """The model's generation lock: generations on one model take turns (they share its session
-    and its attention probe). Kept outside the module, so the model still pickles and copies."""
-    with _locks_guard:
-        lock = _locks.get(model)
-        if lock is None:
-            lock = _locks[model] = threading.RLock()
-        return lock
-
-
 class _Rollback:
     """What a generation changes in the session while it runs (the repetition window, the goals'
     progress, and the foci, written at the end), so a generation that fails leaves the session
@@ -214,8 +199,8 @@ class _Rollback:
 
 class CognitiveDecoder:
     """Runs one generation against ``model.session`` (see module docstring); one that raises
-    leaves the session as it was. The caller holds ``generation_lock(model)`` (generations on one
-    model take turns), as ``ResoLLMInference.generate_ids`` does."""
+    leaves the session as it was. The caller holds ``api.generation_lock(model)`` (generations on
+    one model take turns), as ``ResoLLMInference.generate_ids`` does."""
 
     def __init__(self, model, tokenizer) -> None:
         self.model = model
