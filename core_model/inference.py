@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from .cognition.api import generation_lock
+from .cognition.api import check_built_components, generation_lock
 from .cognition.decoding import CognitiveDecoder
 from .cognition.interactive import run_interactive
 from .cognition.stability import UNMONITORED
@@ -94,6 +94,7 @@ class ResoLLMInference:
                 if config.network_signature() != model.config.network_signature():
                     raise ValueError("config describes a different network than the model's "
                                      f"({config.network_signature()} vs {model.config.network_signature()})")
+                check_built_components(model, config)  # PRSC / memory on for a model built without them
                 model.session.apply_config(config)
             model.attach_tokenizer(tokenizer)
             if seed is not None:

@@ -247,3 +247,25 @@ def test_cognition_calls_from_another_thread_wait_for_a_generation(monkeypatch):
     assert waiting and during.token_ids == alone.token_ids and during.noise_steps == alone.noise_steps
     assert encodings and all(np.allclose(e, clean, rtol=0, atol=1e-6) for e in encodings)
     assert not finished  # the calls that change the session ran after the generation
+
+
+@pytest.mark.parametrize("component, module", [("prsc", "concept_proj"), ("temporal_smf", "memory_proj")])
+def test_an_engine_config_cannot_switch_on_a_component_the_model_was_built_without(component, module):
+    """The model has no projection for it, so it could not use the component: refused up front,
+    naming it (the model's own settings and a config that keeps it off are accepted)."""
+    import dataclasses
+
+    from core_model.cognition import CognitionError
+    from core_model.config import ConfigError
+
+    tok = create_default_tokenizer()
+    off = {"prsc": PRSCConfig(enabled=False), "temporal_smf": TemporalSMFConfig(enabled=False)}[component]
+    model = tiny(**{component: off})
+    on = model.config.replace(**{component: dataclasses.replace(off, enabled=True)})
+    with pytest.raises(ConfigError, match=rf"^{component}\.enabled: the model was built without .*no {module}"):
+        ResoLLMInference(model, tok, on)
+    assert model.session.config is model.config  # nothing applied
+    ResoLLMInference(model, tok, model.config.replace(stability=StabilityConfig(lyapunov=False)))
+    model.session.apply_config(on)  # set on the session directly: using it says why it cannot work
+    with pytest.raises(CognitionError, match=f"the model was built without .*no {module}"):
+        model.bind_concept("logic") if component == "prsc" else model.update_memory("hello")

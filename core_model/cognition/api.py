@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import numpy as np
 import torch
 
+from ..config import ConfigError, ResoLLMConfig
 from ..derived import version_key
 from ..generation import eval_mode
 from .agency import AttentionFocus, Goal, content_words
@@ -111,11 +112,29 @@ def session_tokenizer(model) -> "ResoTokenizer":
     return tok
 
 
+# (config field, the module it needs, the component's name): built only when the field is on
+_BUILT_COMPONENTS = (("prsc", "concept_proj", "PRSC"), ("temporal_smf", "memory_proj", "temporal sedenion memory"))
+
+
+def _built_without(field: str, module: str, name: str) -> str:
+    return f"the model was built without {name} (no {module}: its config had {field}.enabled=False)"
+
+
+def check_built_components(model, config: ResoLLMConfig) -> None:
+    """Raise :class:`ConfigError` if ``config`` switches on a component whose projection
+    ``model`` was built without (PRSC: ``concept_proj``, temporal memory: ``memory_proj``), which
+    it then could not use. Switching off a component the model has is fine."""
+    for field, module, name in _BUILT_COMPONENTS:
+        if getattr(config, field).enabled and getattr(model, module, None) is None:
+            raise ConfigError(f"{field}.enabled: {_built_without(field, module, name)}; switch it off in "
+                              f"this config, or build the model with it on")
+
+
 def memory_state(model, text: str) -> np.ndarray:
     """The text on the 16 sedenion axes: ``memory_proj.weight^T (mean h - h_ref)``."""
     proj = getattr(model, "memory_proj", None)
     if proj is None:
-        raise CognitionError("temporal sedenion memory is disabled (config.temporal_smf.enabled=False)")
+        raise CognitionError(f"{_built_without(*_BUILT_COMPONENTS[1])}: it has no memory to read or write")
     v = torch.as_tensor(encode_text(model, text), dtype=proj.weight.dtype, device=proj.weight.device)
     return (proj.weight.detach().T @ v).double().cpu().numpy()
 
@@ -267,6 +286,8 @@ class CognitionMixin:
         session = self.session
         if not session.config.prsc.enabled:
             raise CognitionError("PRSC is disabled (config.prsc.enabled=False)")
+        if getattr(self, "concept_proj", None) is None:  # a binding would change nothing
+            raise CognitionError(f"{_built_without(*_BUILT_COMPONENTS[0])}: it cannot use concepts")
         ids = list(token_ids or []) + ([token_id] if token_id is not None else [])
         if not ids:
             ids = session_tokenizer(self).encode(name)
@@ -305,5 +326,5 @@ class CognitionMixin:
         return self.recall_memory(query, k)
 
 
-__all__ = ["CognitionMixin", "ConceptInput", "encode_text", "generation_lock", "memory_offset", "memory_state",
-           "reference_hidden"]
+__all__ = ["CognitionMixin", "ConceptInput", "check_built_components", "encode_text", "generation_lock",
+           "memory_offset", "memory_state", "reference_hidden"]
