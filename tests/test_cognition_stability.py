@@ -280,7 +280,8 @@ def test_the_window_read_after_the_last_step_classifies_too(monkeypatch, exponen
     assert model.get_stability() < 0.5
 
 
-def test_an_interrupted_wait_for_a_window_still_waits_for_its_forward(monkeypatch):
+@pytest.mark.parametrize("max_length", [40, 20])  # the window read at a step (due at 24), at the end
+def test_an_interrupted_wait_for_a_window_still_waits_for_its_forward(monkeypatch, max_length):
     """An exception (Ctrl-C) while the main thread waits for a window's exponent must not return
     while the worker's forward still runs on the model."""
     import time
@@ -306,5 +307,46 @@ def test_an_interrupted_wait_for_a_window_still_waits_for_its_forward(monkeypatc
     model = tiny()
     engine = ResoLLMInference(model, tok, temperature=0.8)
     with pytest.raises(KeyboardInterrupt):
-        engine.generate("Once upon a time", max_length=40, seed=0, stop_at_eos=False)
+        engine.generate("Once upon a time", max_length=max_length, seed=0, stop_at_eos=False)
     assert done.is_set()  # generate() returned only after the window's forward had ended
+
+
+def test_an_interrupted_cleanup_still_takes_the_noise_and_the_probe_off_the_model(monkeypatch):
+    """A Ctrl-C during a generation, then a second one while the clean-up waits for the twin's
+    worker: the stochastic-resonance noise and the attention probe still come off the model, and
+    its next generation is that of a fresh model."""
+    from core_model.cognition import lyapunov
+    from core_model.config import StochasticResonanceConfig
+
+    def interrupted_wait(fs, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    sr = StochasticResonanceConfig(enabled=True, noise_amplitude=0.01, repetition_threshold=0.0)
+    tok = create_default_tokenizer()
+    model = tiny(stochastic_resonance=sr)
+    engine = ResoLLMInference(model, tok, temperature=0.0)
+    calls = {"n": 0}
+    real_forward = model.forward
+
+    def forward(*args, **kwargs):
+        if not lyapunov.in_twin_forward():
+            calls["n"] += 1
+            if calls["n"] == 20:  # a main-trajectory step while window 1 (steps 16 .. 24) runs
+                raise KeyboardInterrupt
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(lyapunov, "wait", interrupted_wait)
+    monkeypatch.setattr(model, "forward", forward)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate("ab ab ab ab ab", max_length=40, seed=0, stop_at_eos=False)
+    lyapunov._shared_worker().submit(lambda: None).result()  # the window's forward has ended
+    monkeypatch.undo()
+    assert calls["n"] == 20
+    assert all(b.ffn.noise_amplitude == 0 and b.ffn.noise_generator is None for b in model.blocks)
+    attn = model.blocks[-1].attn
+    assert attn.record_query is None and attn.last_query is None
+    model.session.reset()
+    again = engine.generate("ab ab ab ab ab", max_length=30, seed=0, stop_at_eos=False)
+    fresh = ResoLLMInference(tiny(stochastic_resonance=sr), tok, temperature=0.0).generate(
+        "ab ab ab ab ab", max_length=30, seed=0, stop_at_eos=False)
+    assert again.noise_steps > 0 and again.token_ids == fresh.token_ids

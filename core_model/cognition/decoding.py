@@ -353,12 +353,16 @@ class CognitiveDecoder:
             trace.warnings.extend(tracker.warnings)
             if cache.last_phases is not None:
                 session.phases = cache.last_phases[0].float().cpu().tolist()
-        finally:
-            if twin is not None:
-                twin.close(read=False)  # after an error: just stop the worker
-            sr.off()
-            if probe is not None:
-                probe.remove()
+        finally:  # each step runs even if the one before it is interrupted (a second Ctrl-C)
+            try:
+                if twin is not None:
+                    twin.close(read=False)  # after an error: just stop the worker
+            finally:
+                try:
+                    sr.off()
+                finally:
+                    if probe is not None:
+                        probe.remove()
         session.step += len(trace.tokens)
         trace.elapsed_ms = (time.perf_counter() - started) * 1000
         return trace

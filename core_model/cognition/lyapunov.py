@@ -160,15 +160,16 @@ class LyapunovTwin:
     def close(self, read: bool = True) -> None:
         """Read the running window's exponent (if ``read``; otherwise just wait for its work to
         end, so the model is free again); a window still collecting its tokens gives nothing;
-        closing twice is harmless."""
-        try:
-            if self.running is not None:
-                if read:
-                    self._finish()
-                else:
-                    wait([self.running.future])
-        finally:
-            self.running, self.cache = None, None
+        closing twice is harmless. The window counts as running until its work has ended: an
+        interrupt (or the worker's error) while waiting leaves it so, and a later
+        ``close(read=False)`` still waits for it."""
+        self.cache = None
+        if self.running is not None:
+            if read:
+                self._finish()
+            else:
+                wait([self.running.future])
+                self.running = None
 
     def _start(self) -> None:
         # no window is running here: one is read (at its start + lag <= start + E - W, the next
