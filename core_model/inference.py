@@ -116,8 +116,9 @@ class ResoLLMInference:
         """Continue ``prompt`` by up to ``max_length`` tokens.
 
         ``None`` sampling options use the engine's; ``top_k=0`` and ``top_p=1.0`` switch that
-        filter off for this call. ``seed=None`` uses ``session.seed + session.turn`` (successive
-        calls differ, a restored session continues identically). ``chat=True`` wraps the prompt in the chat template.
+        filter off for this call. ``seed=None`` uses ``session.seed + session.generations`` (the
+        generations so far: successive calls differ, in a new episode too; a restored session
+        continues identically). ``chat=True`` wraps the prompt in the chat template.
         """
         s = self.sampling
         params = SamplingParams(s.temperature if temperature is None else temperature,
@@ -142,11 +143,12 @@ class ResoLLMInference:
         ids = list(ids) or [self.tokenizer.bos_id]
         with generation_lock(self.model):  # the run and its commit to the session, one at a time
             session = self.session  # the one in place once the lock is held (a load may replace it)
-            seed = session.seed + session.turn if seed is None else seed
+            seed = session.seed + session.generations if seed is None else seed
             active = {g.id: g for g in session.agency.active_goals()}
             trace = CognitiveDecoder(self.model, self.tokenizer).run(ids, max_length, params or self.sampling, seed,
                                                                      frozenset(stops), halt_on_instability)
             session.turn += 1
+            session.generations += 1
             session.memory.tick()
             out_ids = [t for t in trace.tokens if not (t in stops)]
             # components switched off measured nothing this time: report that, not the session's

@@ -59,7 +59,7 @@ def test_round_trip_gives_identical_continuations():
     clone_engine = ResoLLMInference(clone, tok, temperature=0.9)
     assert clone.session.to_dict() == state
 
-    a = engine.generate("And then?", max_length=30)  # seed = session seed + turn, restored too
+    a = engine.generate("And then?", max_length=30)  # seed = session seed + generations, restored too
     b = clone_engine.generate("And then?", max_length=30)
     assert a.token_ids == b.token_ids and a.entropy_trace == b.entropy_trace
     assert a.lyapunov_trace == b.lyapunov_trace and a.attention_summary == b.attention_summary
@@ -72,7 +72,7 @@ def test_reset_and_mismatch():
     state = model.session.to_dict()
     model.reset_cognition()
     s = model.session
-    assert (len(s.concepts), len(s.memory), s.agency.goals, s.turn, s.step) == (0, 0, [], 0, 0)
+    assert (len(s.concepts), len(s.memory), s.agency.goals, s.turn, s.generations, s.step) == (0, 0, [], 0, 0, 0)
     other = ResoLLMConfig(dim=128, num_layers=2, num_heads=4, num_phases=4)
     with pytest.raises(SessionStateError, match="model"):
         CognitiveSession.from_dict(state, other)
@@ -141,3 +141,29 @@ def test_the_reference_hidden_state_survives_a_reset_and_follows_the_weights():
     model.attach_tokenizer(create_default_tokenizer())
     again = reference_hidden(model)
     assert len(forwards) == 3 and (again == moved).all()
+
+
+def test_a_new_episode_does_not_repeat_the_seeds_of_the_last():
+    """Default seeds are ``session.seed + generations so far``: in the first episode the turn
+    (as before), after ``new_episode`` still counting on; a dict saved before the counter
+    existed continues from its turn."""
+    tok = create_default_tokenizer()
+
+    def run(explicit: bool) -> tuple[list[list[int]], ResoLLMModel]:
+        torch.manual_seed(0)
+        model = ResoLLMModel(config()).eval()
+        engine = ResoLLMInference(model, tok, temperature=1.0, seed=7)
+        out = []
+        for i, episode in enumerate((0, 0, 1, 1)):
+            if episode > model.session.episode:
+                model.session.new_episode()
+            out.append(engine.generate("Hello", max_length=15, seed=7 + i if explicit else None).token_ids)
+        return out, model
+
+    default, model = run(False)
+    explicit, _ = run(True)
+    assert default == explicit and default[2] != default[0]
+    state = model.cognition_state()
+    assert (state["episode"], state["turn"], state["generations"]) == (1, 2, 4)
+    del state["generations"]
+    assert CognitiveSession.from_dict(state, model.config).generations == 2

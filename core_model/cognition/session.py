@@ -2,9 +2,9 @@
 
 Goals and foci (agency), concept bindings (PRSC), episodic memory, the stability tracker's
 state, the repetition window, the latest oscillator phases, the conversation so far and the
-counters (episode, turn, global token step). ``to_dict`` gives plain Python types only (dicts,
-lists, str, int, float, bool, None: msgpack- and JSON-friendly); ``from_dict`` restores it so a
-restored session continues exactly as the original would. Derived caches (calibration hidden
+counters (episode, turn, generations, global token step). ``to_dict`` gives plain Python types
+only (dicts, lists, str, int, float, bool, None: msgpack- and JSON-friendly); ``from_dict``
+restores it so a restored session continues exactly as the original would. Derived caches (calibration hidden
 state, offset tables) are not stored: they are recomputed from the weights.
 """
 
@@ -46,7 +46,8 @@ class CognitiveSession:
         self.phases: list[float] | None = None
         self.history: list[dict[str, str]] = []  # chat turns {"role", "text"}
         self.episode = 0
-        self.turn = 0
+        self.turn = 0  # generations in this episode
+        self.generations = 0  # generations over the session (not reset by new_episode): the default seeds
         self.step = 0  # tokens generated over the session
 
     def apply_config(self, config: ResoLLMConfig) -> None:
@@ -101,6 +102,7 @@ class CognitiveSession:
             "history": [dict(t) for t in self.history],
             "episode": self.episode,
             "turn": self.turn,
+            "generations": self.generations,
             "step": self.step,
         }
 
@@ -123,6 +125,7 @@ class CognitiveSession:
             s.phases = None if data["phases"] is None else [float(v) for v in data["phases"]]
             s.history = [{"role": str(t["role"]), "text": str(t["text"])} for t in data["history"]]
             s.episode, s.turn, s.step = int(data["episode"]), int(data["turn"]), int(data["step"])
+            s.generations = int(data.get("generations", s.turn))  # dicts saved before the counter: the turn
             s.apply_config(config)  # the settings are the config's, the state is the dict's
         except (KeyError, TypeError, ValueError, CognitionError) as exc:
             raise SessionStateError(f"malformed session dict: {exc!r}") from exc
