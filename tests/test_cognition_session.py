@@ -167,3 +167,18 @@ def test_a_new_episode_does_not_repeat_the_seeds_of_the_last():
     assert (state["episode"], state["turn"], state["generations"]) == (1, 2, 4)
     del state["generations"]
     assert CognitiveSession.from_dict(state, model.config).generations == 2
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda d: d.pop("seed"),
+    lambda d: d.update(seed="seven"),
+    lambda d: d["agency"].update(held_since=[]),
+    lambda d: d["agency"].update(foci=[["token", "x"]]),
+])
+def test_a_malformed_session_dict_raises_session_state_error(breakage):
+    tok = create_default_tokenizer()
+    model, _ = busy_model(tok)
+    state = json.loads(json.dumps(model.cognition_state()))
+    breakage(state)
+    with pytest.raises(SessionStateError, match="malformed session dict"):
+        CognitiveSession.from_dict(state, model.config)

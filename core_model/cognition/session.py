@@ -108,14 +108,16 @@ class CognitiveSession:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], config: ResoLLMConfig) -> "CognitiveSession":
+        """The session ``to_dict`` gave, with ``config``'s settings; a dict that is not one (a
+        key missing, a value of the wrong type or shape) raises :class:`SessionStateError`."""
         if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
             raise SessionStateError(f"not a session dict of format {SESSION_FORMAT}")
         want = {"vocab_size": config.vocab_size, "dim": config.dim, "num_phases": config.num_phases}
         got = data.get("model")
         if got != want:
             raise SessionStateError(f"session was saved for a model with {got}, this model has {want}")
-        s = cls(config, int(data["seed"]))
         try:
+            s = cls(config, int(data["seed"]))
             s.agency = AgencyState.from_dict(data["agency"])
             s.concepts.load(data["concepts"])
             s.memory = TemporalSedenionMemory.from_dict(data["memory"])
@@ -127,7 +129,7 @@ class CognitiveSession:
             s.episode, s.turn, s.step = int(data["episode"]), int(data["turn"]), int(data["step"])
             s.generations = int(data.get("generations", s.turn))  # dicts saved before the counter: the turn
             s.apply_config(config)  # the settings are the config's, the state is the dict's
-        except (KeyError, TypeError, ValueError, CognitionError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, CognitionError) as exc:
             raise SessionStateError(f"malformed session dict: {exc!r}") from exc
         for goal in s.agency.goals:
             if len(goal.vector) != config.dim:
