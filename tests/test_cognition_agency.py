@@ -241,3 +241,35 @@ def test_a_goal_without_content_words_is_measured_by_similarity_alone():
     assert g.measure(np.array([0.0, 1.0, 0.0]), "anything") == 0.0
     worded = Goal(2, "gardens", "task", 1.0, [1.0, 0.0, 0.0], ["gardens"], [[1]], [True])
     assert worded.measure(np.array([2.0, 0.0, 0.0]), "no match") == pytest.approx(0.5)
+
+
+def test_every_generation_is_steered_to_every_goal_word_from_its_first_token(monkeypatch):
+    """Coverage is of the output being generated (module docstring): the words an earlier
+    output held do not stop the steering of the next one, whose first steps (before any goal
+    update) are those of a goal nothing has covered; a generation that fails puts the coverage
+    it found back."""
+    from core_model.cognition import decoding
+
+    tok = create_default_tokenizer()
+    model = tiny(agency=AgencyConfig(goal_bias=3.0))
+    engine = ResoLLMInference(model, tok)
+    model.create_goal("describe ocean waves")
+    state = model.cognition_state()
+    first = engine.generate("Tell me about the sea.", max_length=6, seed=3, stop_at_eos=False)  # < update_every
+    model.load_cognition_state(state)
+    [goal] = model.get_goals()
+    goal.covered = [True, True, True]  # as an earlier output holding every goal word left it
+    again = engine.generate("Tell me about the sea.", max_length=6, seed=3, stop_at_eos=False)
+    assert again.token_ids == first.token_ids and again.entropy_trace == first.entropy_trace
+
+    model.load_cognition_state(state)
+    [goal] = model.get_goals()
+    goal.covered = [True, False, True]
+
+    def failing(self, *args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(decoding.CognitiveDecoder, "_update_goals", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.generate("Tell me about the sea.", max_length=6, seed=3, stop_at_eos=False)
+    assert goal.covered == [True, False, True]

@@ -105,7 +105,8 @@ class Goal:
     word_tokens: list[list[int]]  # token sequences of the content words (steering)
     boundary: list[bool]  # whether the sequence may only start at a word boundary
     word_of: list[int] = field(default_factory=list)  # index into ``words`` of each token sequence
-    covered: list[bool] = field(default_factory=list)  # content words already in the output
+    covered: list[bool] = field(default_factory=list)  # content words already in the output (of the
+    # latest generation; cleared when the next one starts, so a new output is steered to every word)
     status: str = ACTIVE
     progress: float = 0.0
     stall: int = 0

@@ -244,6 +244,8 @@ class CognitiveDecoder:
         agency_on = cfg.agency.enabled
         halt = cfg.stability.halt_on_instability if halt_on_instability is None else halt_on_instability
         goals = [g for g in session.agency.active_goals()] if agency_on else []
+        for g in goals:  # coverage is of this output (agency.py): none of its words are in it yet
+            g.covered = [False] * len(g.words)
         run_goals = list(goals)  # the foci's relevance uses every goal this generation started with
 
         concepts = ConceptInput(model)
