@@ -53,6 +53,17 @@ def test_with_auto_adjust_off_the_requested_temperature_is_used_as_is():
     assert r.temperature_trace[0] == cfg.stability.max_temperature
 
 
+def test_with_auto_adjust_off_the_suggested_temperature_is_the_requested_one():
+    model = tiny()
+    cfg = model.config
+    off = dataclasses.replace(cfg, stability=dataclasses.replace(cfg.stability, auto_temperature_adjust=False))
+    ResoLLMInference(model, TOK, off, seed=1).generate("Hello there", max_length=12, temperature=1.0)
+    for t in (0.1, 0.7, 2.0):
+        assert model.get_suggested_temperature(t) == t
+    model.session.apply_config(cfg)  # auto-adjust on, the same measurements: clipped to the bounds
+    assert model.get_suggested_temperature(2.0) == cfg.stability.max_temperature
+
+
 def test_components_switched_off_report_nothing_from_an_earlier_generation():
     model = tiny()
     engine = ResoLLMInference(model, TOK, seed=1)

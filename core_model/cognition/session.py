@@ -76,6 +76,11 @@ class CognitiveSession:
         return stability_score(self.stability, self.config.stability.lyapunov_threshold)
 
     def suggested_temperature(self, current: float) -> float:
+        """The temperature the controller would move ``current`` to after the latest generation's
+        measurements; ``current`` itself when ``stability.auto_temperature_adjust`` is off (a
+        generation then samples at the requested temperature as is)."""
+        if not self.config.stability.auto_temperature_adjust:
+            return current
         ctrl = TemperatureController(self.config.stability, current)
         unstable = self.stability.label in ("chaotic", "divergent") or self.stability.predicted_unstable
         return ctrl.suggest(current, self.stability.entropy_norm, unstable, self.stability.label == "periodic")
