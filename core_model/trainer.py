@@ -161,9 +161,24 @@ class LossOnly(torch.nn.Module):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU) or a device this machine has; TrainError otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise TrainError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {name!r}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type == "meta":
+        raise TrainError(f"device {name!r} holds no data (use auto, cpu, cuda or cuda:N)")
+    if device.type != "cpu":
+        try:
+            torch.empty(0, device=device)  # the backend exists and the index is in range
+        except (RuntimeError, AssertionError) as exc:
+            reason = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
+            raise TrainError(f"device {name!r} is not usable here: {reason}") from exc
+    return device
 
 
 def _distributed() -> bool:

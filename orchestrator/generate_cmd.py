@@ -1,4 +1,11 @@
-"""``reso generate``: one prompt through a preset (random weights) or a checkpoint."""
+"""``reso generate``: one prompt through a preset (random weights) or a checkpoint.
+
+With ``--chat`` the prompt is wrapped in the chat template and generation stops at the end of
+the reply (``<|end|>``) as well as at ``<|eos|>``, like ``ResoLLMInference`` in chat mode; the stop
+token counts in ``tokens_generated`` and the scores but is not part of the text. Bad input (bad
+checkpoint or preset, unusable device, a prompt plus ``-n`` beyond the model's context) prints one
+line and exits 2.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +26,13 @@ def load_model_and_tokenizer(checkpoint: Optional[Path], preset: str, seed: int,
     from core_model.config import PRESETS
     from core_model.model import ResoLLMModel
     from core_model.tokenizer import create_default_tokenizer
+    from core_model.trainer import TrainError, resolve_device
 
+    try:
+        device = resolve_device(device)
+    except TrainError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     if checkpoint is not None:
         try:
             return load_checkpoint(checkpoint, device=device)
@@ -41,6 +54,12 @@ def _check_top_p(value: Optional[float]) -> Optional[float]:
     return value
 
 
+def _check_repetition_penalty(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"{value:g} is not > 0 (1 means no penalty).")
+    return value
+
+
 def top_p_option() -> Optional[float]:
     """The ``--top-p`` option of the commands that sample: a usage error outside (0, 1]."""
     return typer.Option(None, callback=_check_top_p,
@@ -57,7 +76,8 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(0.8, min=0.0, help="0 means greedy."),
         top_k: Optional[int] = typer.Option(None, min=1),
         top_p: Optional[float] = top_p_option(),
-        repetition_penalty: float = typer.Option(1.0, min=0.0),
+        repetition_penalty: float = typer.Option(1.0, callback=_check_repetition_penalty,
+                                                 help="Penalise tokens already present (> 0; 1: none)."),
         seed: int = typer.Option(0),
         chat: bool = typer.Option(False, help="Wrap the prompt in the chat template."),
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
@@ -71,15 +91,29 @@ def register(app: typer.Typer) -> None:
 
         model, tokenizer = load_model_and_tokenizer(checkpoint, preset, seed, device)
         ids = (tokenizer.chat_prompt_ids(prompt) if chat else tokenizer.encode(prompt)) or [tokenizer.bos_id]
+        stops = {tokenizer.eos_id, tokenizer.end_id} if chat else {tokenizer.eos_id}
+        try:  # checks the arguments (the prompt and -n must fit in max_seq_len) before any work
+            stream = model.generate_stream([ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                           seed=seed)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
         phase_kernel()  # load (or, once per machine, build) the fused decoding step before timing
         started = time.perf_counter()
-        new = model.generate([ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                             eos_id=tokenizer.eos_id)[0]
+        new: list[int] = []
+        for (token,) in stream:
+            new.append(token)
+            if token in stops:
+                break
+        stream.close()
         elapsed = time.perf_counter() - started
         with torch.no_grad():
-            out = model(torch.tensor([ids + new], device=next(model.parameters()).device))
-            logprobs = out.logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+            # the last token's own logits score nothing; at the limit (prompt + -n = max_seq_len + 1
+            # tokens) it is left out, and coherence / phase_order are those the last token was drawn from
+            scored = ids + new if len(ids) + len(new) <= model.config.max_seq_len else ids + new[:-1]
+            out = model(torch.tensor([scored], device=next(model.parameters()).device))
+            logprobs = out.logits[0, len(ids) - 1:len(ids) - 1 + len(new)].float().log_softmax(-1)
             token_lp = logprobs.gather(1, torch.tensor(new, device=logprobs.device)[:, None]).squeeze(1)
         metrics = {
             "tokens_generated": len(new),
@@ -89,7 +123,7 @@ def register(app: typer.Typer) -> None:
             "phase_order": None if out.phases is None else round(float(global_order_parameter(out.phases)[0]), 4),
             "parameters": model.num_parameters(),
         }
-        completion = tokenizer.decode(new)
+        completion = tokenizer.decode([t for t in new if t not in stops])
         if as_json:
             sys.stdout.write(json.dumps({"prompt": prompt, "text": completion, **metrics}) + "\n")
             return

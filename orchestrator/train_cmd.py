@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         from core_model.data import DatasetError, prepare_data
         from core_model.tokenizer import TokenizerError
         from core_model.train_state import latest_checkpoint
-        from core_model.trainer import TrainConfig, TrainError
+        from core_model.trainer import TrainConfig, TrainError, resolve_device
 
         _quiet_datasets()
         if workers == 0 and (use_gpu or address):
@@ -113,6 +113,8 @@ def register(app: typer.Typer) -> None:
             raise _fail(f"{out} already holds checkpoints ({existing.name}); pass --resume to continue or choose "
                         "another --out")
         try:
+            if workers == 0:
+                resolve_device(device)  # an unknown or absent device: one line, before any data work
             previous = None
             if resume and existing is not None:  # keep the run's tokenizer (BPE included)
                 from core_model.tokenizer import ResoTokenizer
@@ -168,18 +170,18 @@ def register(app: typer.Typer) -> None:
 
         from core_model.checkpoint import CheckpointError, load_checkpoint
         from core_model.data import DatasetError, load_text_dataset, pack_dataset, tokenize_dataset
-        from core_model.trainer import evaluate, resolve_device
+        from core_model.trainer import TrainError, evaluate, resolve_device
 
         _quiet_datasets()
-        dev = resolve_device(device)
         try:
+            dev = resolve_device(device)
             model, tokenizer = load_checkpoint(checkpoint, device=dev)
             block = block_size or min(256, model.config.max_seq_len)
             if block > model.config.max_seq_len:
                 raise DatasetError(f"--block-size {block} exceeds the model's max_seq_len {model.config.max_seq_len}")
             ds = load_text_dataset(dataset, "test")
             packed = pack_dataset(tokenize_dataset(ds, tokenizer, assistant_only=assistant_only), block)
-        except (CheckpointError, DatasetError) as exc:
+        except (CheckpointError, DatasetError, TrainError) as exc:
             raise _fail(str(exc)) from exc
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else None
         started = time.perf_counter()

@@ -241,3 +241,14 @@ def test_grad_clip_zero_means_no_clipping(bundle, tmp_path):
     assert unclipped.losses == huge.losses != clipped.losses  # 0 trains like no clipping (not a zero gradient)
     rows = [json.loads(line) for line in (tmp_path / "zero" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"] > 0 for r in rows if "loss" in r)
+
+
+def test_cli_unusable_device_exits_2_in_one_line(tmp_path):
+    train = ["train", "--dataset", str(LLAMA2_1K), "--out", str(tmp_path / "run"), *TINY, "--steps", "1"]
+    evaluate_ = ["eval", "--checkpoint", str(tmp_path), "--dataset", str(GUANACO_TEST)]
+    for device in ["bogus"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        for args in (train, evaluate_):
+            result = _cli([*args, "--device", device])
+            assert result.exit_code == 2, result.output
+            assert result.output.startswith("error: ") and result.output.count("\n") == 1 and repr(device) in result.output
+    assert not (tmp_path / "run").exists()
