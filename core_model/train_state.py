@@ -8,7 +8,9 @@ step counter, the data position and the random number generator states of every 
 
 from __future__ import annotations
 
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 
 STATE_FILE = "training_state.pt"
 STATE_VERSION = 1
+STATE_KEYS = ("step", "optimizer", "scheduler", "data", "rng")
 
 
 # --------------------------------------------------------------------------------------
@@ -91,10 +94,18 @@ def load_training_state(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory}: missing {STATE_FILE} (not a training checkpoint)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a global outside the weights-only allowlist: refused, never run
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"the global {found.group(1)}" if found else "objects"
+        raise CheckpointError(f"{path}: refused training state: it holds {what}, not only tensors and plain "
+                              "containers (not loaded)") from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable training state ({exc})") from exc
+        raise CheckpointError(f"{path}: unreadable training state ({str(exc).splitlines()[0][:200]})") from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: unsupported training state (expected version {STATE_VERSION})")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete training state (missing {', '.join(missing)})")
     return state
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .checkpoint import CheckpointError
 from .data import PackedData, batch_indices, eval_batches, steps_per_epoch
 from .model import IGNORE_INDEX
 from .train_metrics import MetricsLog, Progress, plot_loss_curve
@@ -298,11 +299,16 @@ class Trainer:
                 raise TrainError(f"{checkpoint_dir}: cannot resume exactly, {key} was {pos.get(key)} and is now "
                                  f"{mine[key]} (resume with the same data and settings)")
         load_weights_into(self.model, checkpoint_dir)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        rngs = state["rng"]
-        restore_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+            rngs = state["rng"]
+            restore_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{checkpoint_dir}: unusable training state ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else 'malformed'})") from exc
+        self.step = step
         if self.metrics is not None:
             self.metrics.truncate_after(self.step)
             self.metrics.append({"step": self.step, "event": "resume", "from": str(checkpoint_dir)})

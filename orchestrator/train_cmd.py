@@ -4,7 +4,8 @@
 Train ``TorchTrainer`` with ``--workers N`` (``--address`` for a cluster, ``--use-gpu``). Both
 write into ``--out``: ``metrics.jsonl``, ``loss_curve.png``, training checkpoints and ``final/``
 (a standard checkpoint for ``reso generate --checkpoint`` / ``ResoLLMModel.from_checkpoint``).
-Bad input (unreachable hub, missing file, bad checkpoint, bad settings) prints one line and exits 2.
+Bad input (unreachable hub, missing file, bad checkpoint, bad settings) prints one line and exits 2;
+a refused ``--resume`` leaves ``--out`` (``run.json``, ``metrics.jsonl``) as it was.
 """
 
 from __future__ import annotations
@@ -137,13 +138,19 @@ def register(app: typer.Typer) -> None:
         except (DatasetError, ConfigError, TrainError, CheckpointError, TokenizerError, ValueError) as exc:
             raise _fail(str(exc)) from exc
 
+        trainer = None
+        if workers == 0:  # a refused resume leaves run.json (and the rest of --out) as it was
+            try:
+                trainer = _plain_trainer(model_config, train_config, data, existing if resume else None)
+            except (TrainError, CheckpointError) as exc:
+                raise _fail(str(exc)) from exc
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps({"argv": sys.argv, "data": data.description,
                                                   "model": model_config.to_dict(),
                                                   "train": train_config.to_dict(), "workers": workers}, indent=2))
         started = time.perf_counter()
-        if workers == 0:
-            summary = _train_plain(model_config, train_config, data, existing if resume else None)
+        if trainer is not None:
+            summary = _train_plain(trainer)
         else:
             summary = _train_ray(model_config, train_config, data, out, workers, use_gpu, address, cpus_per_worker,
                                  max_failures, report_interval)
@@ -206,21 +213,25 @@ def _ray_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _train_plain(model_config, train_config, data, resume_from: Path | None) -> dict[str, Any]:
+def _plain_trainer(model_config, train_config, data, resume_from: Path | None):
+    """The in-process :class:`Trainer`, resumed from ``resume_from`` when given (TrainError or
+    CheckpointError when that checkpoint is unreadable or does not match these settings)."""
     import torch
 
     from core_model.model import ResoLLMModel
-    from core_model.trainer import Trainer, TrainError, resolve_device
+    from core_model.trainer import Trainer, resolve_device
 
     torch.manual_seed(train_config.seed)
     model = ResoLLMModel(model_config).to(resolve_device(train_config.device))
     trainer = Trainer(model, data.tokenizer, data.train, data.eval, train_config)
     if resume_from is not None:
-        try:
-            trainer.resume(resume_from)
-        except TrainError as exc:
-            raise _fail(str(exc)) from exc
+        trainer.resume(resume_from)
+    return trainer
+
+
+def _train_plain(trainer) -> dict[str, Any]:
     summary = trainer.fit()
+    model = trainer.model
     final = trainer.export()
     return {"final": str(final), "step": summary.step, "total_steps": summary.total_steps,
             "loss": _r(summary.final_loss), "eval_loss": _r(summary.eval_loss), "eval_ppl": _r(summary.eval_ppl),

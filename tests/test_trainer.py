@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from core_model.checkpoint import load_checkpoint
+from core_model.checkpoint import CheckpointError, load_checkpoint
 from core_model.config import ResoLLMConfig
 from core_model.data import PackedData, batch_indices, eval_batches, prepare_data
 from core_model.model import ResoLLMModel
@@ -252,3 +252,37 @@ def test_cli_unusable_device_exits_2_in_one_line(tmp_path):
             assert result.exit_code == 2, result.output
             assert result.output.startswith("error: ") and result.output.count("\n") == 1 and repr(device) in result.output
     assert not (tmp_path / "run").exists()
+
+
+class NotAllowed:
+    """A class outside torch's weights-only allowlist (loading it must be refused, not run)."""
+
+
+def test_refused_training_state_is_a_checkpoint_error(tmp_path):
+    torch.save({"version": 1, "x": NotAllowed()}, tmp_path / STATE_FILE)
+    with pytest.raises(CheckpointError, match="refused training state.*NotAllowed"):
+        load_training_state(tmp_path)
+
+
+def test_cli_bad_resume_exits_2_and_keeps_run_json(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", str(LLAMA2_1K), "--eval-dataset", str(GUANACO_TEST), "--out", str(out), *TINY]
+    assert _cli([*args, "--steps", "3"]).exit_code == 0
+    run_json, metrics = (out / "run.json").read_bytes(), (out / "metrics.jsonl").read_bytes()
+    state = latest_checkpoint(out / "checkpoints") / STATE_FILE
+    good = state.read_bytes()
+
+    def refused(*extra: str, match: str) -> None:
+        result = _cli([*args, "--steps", "5", "--resume", *extra])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and result.output.count("\n") == 1 and match in result.output
+        assert (out / "run.json").read_bytes() == run_json and (out / "metrics.jsonl").read_bytes() == metrics
+
+    refused("--batch-size", "2", match="batch_size")
+    state.write_bytes(good[:len(good) // 2])
+    refused(match="unreadable training state")
+    torch.save({"version": 1, "x": NotAllowed()}, state)
+    refused(match="refused training state")
+    state.write_bytes(good)
+    assert _cli([*args, "--steps", "5", "--resume"]).exit_code == 0
+    assert (out / "run.json").read_bytes() != run_json
