@@ -8,7 +8,10 @@
 - Periodic evaluation (loss, perplexity) on fixed batches of the evaluation data.
 - Checkpoints (model + ``training_state.pt``) through a :class:`CheckpointSink`; a resumed run
   continues exactly: same batches (data order is a function of seed and step), same optimizer,
-  scheduler and RNG states.
+  scheduler and RNG states. A resume refuses other data or batch settings and other settings that
+  shape the loss curve (:meth:`Trainer.resume_settings`: assistant-only, dropout, learning rate and
+  schedule, weight decay, clipping); only the run's length may grow (more ``max_steps`` or
+  ``epochs``: the cosine decay then stretches to the new total from the resumed step on).
 - ``metrics.jsonl`` rows, a Rich progress bar on a terminal, ``loss_curve.png`` at the end.
 """
 
@@ -69,6 +72,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     plot: bool = True
     progress: bool = True
+    assistant_only: bool = False  # whether the data's loss mask keeps only assistant replies (checked on resume)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -286,8 +290,20 @@ class Trainer:
         def write(directory: Path) -> None:
             save_training_checkpoint(directory, self.model, self.tokenizer, optimizer=self.optimizer,
                                      scheduler=self.scheduler, step=self.step, data_position=self.data_position(),
-                                     rng_states=rng, extra={"train_config": _plain(self.config.to_dict())})
+                                     rng_states=rng, extra={"train_config": _plain(self.config.to_dict()),
+                                                            "settings": self.resume_settings()})
         return write
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The settings besides the data position that shape the loss curve, as stored in a checkpoint.
+
+        A resume must match each of them, except ``total_steps``, which may grow (extending a run).
+        """
+        c = self.config
+        return {"assistant_only": bool(c.assistant_only), "dropout": float(self.model.config.dropout),
+                "lr": float(c.lr), "min_lr_ratio": float(c.min_lr_ratio), "warmup_steps": int(c.warmup_steps),
+                "weight_decay": float(c.weight_decay), "betas": [float(b) for b in c.betas],
+                "grad_clip": float(c.grad_clip), "total_steps": int(self.total_steps)}
 
     def resume(self, checkpoint_dir: str | Path) -> int:
         """Restore weights, optimizer, scheduler, step and RNG from a training checkpoint; returns the step."""
@@ -298,6 +314,17 @@ class Trainer:
             if pos.get(key) != mine[key]:
                 raise TrainError(f"{checkpoint_dir}: cannot resume exactly, {key} was {pos.get(key)} and is now "
                                  f"{mine[key]} (resume with the same data and settings)")
+        saved = (state.get("extra") or {}).get("settings") or {}  # absent in older checkpoints: not checked
+        now = self.resume_settings()
+        for key, value in saved.items():
+            if key not in now:
+                continue
+            if key == "total_steps" and now[key] < value:
+                raise TrainError(f"{checkpoint_dir}: the run was {value} steps long and would now be {now[key]} "
+                                 "(a resumed run may be extended with more steps or epochs, not shortened)")
+            if key != "total_steps" and now[key] != value:
+                raise TrainError(f"{checkpoint_dir}: cannot resume exactly, {key} was {value} and is now {now[key]} "
+                                 "(resume with the same settings; only the number of steps may grow)")
         load_weights_into(self.model, checkpoint_dir)
         try:
             self.optimizer.load_state_dict(state["optimizer"])

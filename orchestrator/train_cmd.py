@@ -88,7 +88,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         device: str = typer.Option("auto", help="auto, cpu, cuda, ... (plain trainer)."),
         precision: str = typer.Option("auto", help="auto (bf16 on CUDA), bf16, fp32."),
-        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+        resume: bool = typer.Option(False, "--resume",
+                                    help="Continue from the latest checkpoint in --out, with the same data and "
+                                         "settings (refused otherwise); a larger --steps/--epochs extends the run."),
         workers: int = typer.Option(0, min=0, help="Ray Train workers (0: train in this process)."),
         use_gpu: bool = typer.Option(False, "--use-gpu", help="One GPU per Ray Train worker."),
         address: Optional[str] = typer.Option(None, help="Ray cluster address (e.g. auto or ray://head:10001)."),
@@ -131,7 +133,7 @@ def register(app: typer.Typer) -> None:
                 warmup_steps=warmup, weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval,
                 eval_batches=eval_batches or None, log_interval=log_interval,
                 checkpoint_interval=checkpoint_interval, seed=seed, device=device, precision=precision,
-                out_dir=str(out))
+                out_dir=str(out), assistant_only=assistant_only)
             if epochs is not None and steps is None:
                 train_config.max_steps = None
             train_config.validate()

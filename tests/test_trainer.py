@@ -250,7 +250,8 @@ def test_cli_unusable_device_exits_2_in_one_line(tmp_path):
         for args in (train, evaluate_):
             result = _cli([*args, "--device", device])
             assert result.exit_code == 2, result.output
-            assert result.output.startswith("error: ") and result.output.count("\n") == 1 and repr(device) in result.output
+            assert result.output.startswith("error: ") and result.output.count("\n") == 1
+            assert repr(device) in result.output
     assert not (tmp_path / "run").exists()
 
 
@@ -279,6 +280,8 @@ def test_cli_bad_resume_exits_2_and_keeps_run_json(tmp_path):
         assert (out / "run.json").read_bytes() == run_json and (out / "metrics.jsonl").read_bytes() == metrics
 
     refused("--batch-size", "2", match="batch_size")
+    refused("--warmup", "5", match="warmup_steps")
+    refused("--assistant-only", match="assistant_only")
     state.write_bytes(good[:len(good) // 2])
     refused(match="unreadable training state")
     torch.save({"version": 1, "x": NotAllowed()}, state)
@@ -286,3 +289,18 @@ def test_cli_bad_resume_exits_2_and_keeps_run_json(tmp_path):
     state.write_bytes(good)
     assert _cli([*args, "--steps", "5", "--resume"]).exit_code == 0
     assert (out / "run.json").read_bytes() != run_json
+
+
+def test_resume_refuses_settings_that_change_the_loss_curve(bundle, tmp_path):
+    make_trainer(bundle, tmp_path, max_steps=3).fit()
+    ckpt = latest_checkpoint(tmp_path / "checkpoints")
+    for change, name in ((dict(assistant_only=True), "assistant_only"), (dict(dropout=0.0), "dropout"),
+                         (dict(lr=1e-3), "lr"), (dict(warmup_steps=5), "warmup_steps"),
+                         (dict(grad_clip=0.5), "grad_clip"), (dict(max_steps=2), "not shortened")):
+        with pytest.raises(TrainError, match=name):
+            make_trainer(bundle, tmp_path / "other", **change).resume(ckpt)
+    assert make_trainer(bundle, tmp_path / "longer", max_steps=12).resume(ckpt) == 3  # extending is allowed
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    del state["extra"]["settings"]  # a checkpoint written before the settings were stored
+    torch.save(state, ckpt / STATE_FILE)
+    assert make_trainer(bundle, tmp_path / "old", lr=1e-3).resume(ckpt) == 3
