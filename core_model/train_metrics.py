@@ -10,7 +10,12 @@ from typing import Any
 
 
 class MetricsLog:
-    """Append-only JSON Lines file of training (``loss``) and evaluation (``eval_loss``) rows."""
+    """Append-only JSON Lines file of training (``loss``) and evaluation (``eval_loss``) rows.
+
+    It holds one run's curve: a run that starts from step 0 first moves an older file to
+    ``metrics.jsonl.1`` (:meth:`rotate`, replacing an older ``.1``), and a resumed run drops the rows
+    after its checkpoint's step (:meth:`truncate_after`) before it redoes those steps.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -19,6 +24,14 @@ class MetricsLog:
     def append(self, row: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, sort_keys=False) + "\n")
+
+    def rotate(self) -> Path | None:
+        """Move a non-empty file to ``<name>.1`` (replacing an older one); returns where it went (None: nothing)."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return None
+        previous = self.path.with_name(self.path.name + ".1")
+        self.path.replace(previous)
+        return previous
 
     def rows(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)

@@ -12,7 +12,9 @@
   shape the loss curve (:meth:`Trainer.resume_settings`: assistant-only, dropout, learning rate and
   schedule, weight decay, clipping); only the run's length may grow (more ``max_steps`` or
   ``epochs``: the cosine decay then stretches to the new total from the resumed step on).
-- ``metrics.jsonl`` rows, a Rich progress bar on a terminal, ``loss_curve.png`` at the end.
+- ``metrics.jsonl`` rows (one run's curve: a run from step 0 moves an older file to ``metrics.jsonl.1``,
+  a resumed one drops the rows after its checkpoint), a Rich progress bar on a terminal,
+  ``loss_curve.png`` at the end.
 """
 
 from __future__ import annotations
@@ -386,6 +388,7 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.train_data.block_size * self.world_size
         progress = Progress(self.total_steps, self.step, enabled=self.is_main and cfg.progress)
         if self.metrics is not None and self.step == 0:
+            self.metrics.rotate()  # e.g. a run killed before its first checkpoint, started again: a new curve
             self.metrics.append({"step": 0, "event": "start", "total_steps": self.total_steps,
                                  "world_size": self.world_size, "parameters": self.model.num_parameters()})
         losses: list[tuple[int, float | None]] = []

@@ -4,6 +4,8 @@
 Train ``TorchTrainer`` with ``--workers N`` (``--address`` for a cluster, ``--use-gpu``). Both
 write into ``--out``: ``metrics.jsonl``, ``loss_curve.png``, training checkpoints and ``final/``
 (a standard checkpoint for ``reso generate --checkpoint`` / ``ResoLLMModel.from_checkpoint``).
+``metrics.jsonl`` is one run's curve: a run that starts from step 0 moves an older one to
+``metrics.jsonl.1``; ``--resume`` drops the rows after the checkpoint it continues from.
 Bad input (unreachable hub, missing file, bad checkpoint, bad settings) prints one line and exits 2;
 a refused ``--resume`` leaves ``--out`` (``run.json``, ``metrics.jsonl``) as it was.
 """

@@ -304,3 +304,24 @@ def test_resume_refuses_settings_that_change_the_loss_curve(bundle, tmp_path):
     del state["extra"]["settings"]  # a checkpoint written before the settings were stored
     torch.save(state, ckpt / STATE_FILE)
     assert make_trainer(bundle, tmp_path / "old", lr=1e-3).resume(ckpt) == 3
+
+
+def test_restart_before_the_first_checkpoint_starts_a_new_metrics_file(bundle, tmp_path):
+    class Killed(Exception):
+        pass
+
+    def kill(step: int) -> None:
+        if step == 3:
+            raise Killed
+
+    killed = make_trainer(bundle, tmp_path, checkpoint_interval=100)
+    killed.on_step_end = kill
+    with pytest.raises(Killed):  # killed during step 3, before any checkpoint
+        killed.fit()
+    assert latest_checkpoint(tmp_path / "checkpoints") is None
+    make_trainer(bundle, tmp_path, max_steps=4).fit()  # started again from step 0 into the same folder
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r.get("event") for r in rows].count("start") == 1
+    previous = [json.loads(line) for line in (tmp_path / "metrics.jsonl.1").read_text().splitlines()]
+    assert previous[0]["event"] == "start" and [r["step"] for r in previous if "loss" in r] == [1, 2]
